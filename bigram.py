@@ -1,0 +1,51 @@
+"""
+The lecture's baseline: a bigram model that predicts the next character from the current one alone.
+It differs from gpt.py only in the model: the data, training loop and sampling are gpt.py's own.
+
+    python bigram.py                      # trains in well under a minute on a CPU, then samples
+    python bigram.py --max_iters=500      # takes the same settings as gpt.py (see --help)
+"""
+import torch.nn as nn
+from torch.nn import functional as F
+
+import gpt
+
+# hyperparameters: the lecture's bigram run (every other constant is gpt.py's)
+defaults = dict(
+    batch_size=32,  # how many independent sequences will we process in parallel?
+    block_size=8,  # what is the maximum context length for predictions?
+    max_iters=3000,  # total optimizer steps
+    eval_interval=300,  # estimate train and val loss every this many steps
+    eval_iters=200,  # batches of each split averaged in one estimate
+    log_interval=500,  # print progress every this many steps
+    learning_rate=1e-2,  # a single lookup table learns fast
+    min_lr=1e-3,  # the learning rate decays to this at max_iters
+    dropout=0.0,  # nothing to drop out
+    out_dir='out-bigram',  # its checkpoints apart from gpt.py's
+)
+# ----------------------------------------------------------------------------------------------
+
+
+class BigramLanguageModel(nn.Module):
+    """ each token directly reads off the logits for the next token from a lookup table """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # generate crops the context to config.block_size
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+
+    def forward(self, idx, targets=None):
+        # idx and targets are both (B,T) tensor of integers
+        logits = self.token_embedding_table(idx)  # (B,T,C)
+        if targets is None:
+            loss = None
+        else:
+            B, T, C = logits.shape
+            loss = F.cross_entropy(logits.view(B * T, C), targets.view(B * T))
+        return logits, loss
+
+    generate = gpt.GPTLanguageModel.generate  # the same sampling code as the GPT
+
+
+if __name__ == '__main__':
+    gpt.main(model_class=BigramLanguageModel, defaults=defaults)

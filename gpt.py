@@ -1,0 +1,731 @@
+"""
+A character-level GPT, trained from scratch on one text file and then sampled: the model of the
+lecture "Let's build GPT: from scratch, in code, spelled out", in the lecture's order and with its
+names, made fast on CPU and GPU, with checkpoints, exact resume and sampling from a prompt.
+
+    python gpt.py                        # train on input.txt (tiny Shakespeare), then print a sample
+    python gpt.py --max_iters=200        # any constant below can be set like this
+    python gpt.py --help                 # every constant, its default and what it means
+    python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO:"   # sample from the saved model
+
+On a CUDA GPU it runs the lecture's model (6 layers, 6 heads, n_embd 384, block 256, 5000 steps).
+On a CPU or Apple MPS it runs a smaller model that trains and samples in about 3 minutes.
+"""
+import ast
+import csv
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# hyperparameters
+# Edit these lines to change the run, or set any of them on the command line (--max_iters=200).
+# Where a line holds two values, the first is the lecture's run for a CUDA GPU and the second a
+# laptop-size run for a CPU or Apple MPS, picked by whether this machine has CUDA.
+cuda = torch.cuda.is_available()
+# data
+input_file = 'input.txt'  # the text to train on (UTF-8); its characters are the vocabulary
+data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'  # fetched when input_file is the default and missing
+data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'  # checksum the download must have
+# model
+block_size = 256 if cuda else 128  # what is the maximum context length for predictions?
+n_embd = 384 if cuda else 192  # width of the embedding of each token
+n_head = 6 if cuda else 6  # attention heads per block; n_embd must be divisible by n_head
+n_layer = 6 if cuda else 4  # transformer blocks
+dropout = 0.2 if cuda else 0.0  # 0 on CPU: a 3-minute run cannot overfit, and attention keeps its fused kernel
+pos_emb = 'learned'  # position embedding: 'learned' (the lecture's table) or 'sinusoidal' (fixed sin/cos)
+activation = 'relu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2)
+qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GPT-2: yes)
+fused_attention = True  # all heads at once in one fused kernel; False runs the lecture's per-head code
+# training
+batch_size = 64 if cuda else 32  # how many independent sequences will we process in parallel?
+max_iters = 5000 if cuda else 2000  # total optimizer steps; a resumed run continues up to this
+eval_interval = 500 if cuda else 250  # estimate train and val loss every this many steps
+eval_iters = 200 if cuda else 50  # batches of each split averaged in one estimate
+log_interval = 100 if cuda else 50  # print progress every this many steps
+learning_rate = 1e-3  # peak learning rate, reached after the warmup
+min_lr = 1e-4  # the learning rate decays to this at max_iters (cosine)
+warmup_iters = 100  # steps of linear warmup from 0
+weight_decay = 0.1  # AdamW weight decay, applied to weight matrices only
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.99  # AdamW beta2; 0.99 rather than 0.999 since each step sees few tokens
+grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
+# sampling
+prompt = ''  # text the sample starts from; '' starts from the vocabulary's first character, as the lecture
+num_samples = 1  # how many samples to print
+max_new_tokens = 500  # characters generated per sample
+temperature = 1.0  # 1 samples the model's distribution, lower is more conservative, 0 is greedy
+top_k = 0  # sample only from the k most likely characters (0 = all)
+seed = 1337  # random seed of the run
+# I/O
+out_dir = 'out'  # where checkpoints (ckpt.pt latest, best.pt best val), log.csv and the data cache go
+init_from = 'scratch'  # 'scratch', 'resume' (continue from out_dir/ckpt.pt) or 'best' (from out_dir/best.pt)
+# system
+device = 'auto'  # 'auto' (CUDA, else Apple MPS, else CPU), or 'cpu', 'cuda', 'cuda:1', 'mps'
+torch_compile = False  # compile the model with torch.compile: a slow start, then faster steps on a GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def die(message):
+    """ stop with a one-line message for the user, no traceback """
+    raise SystemExit(f"error: {message}")
+
+
+def read_constants(path=__file__):
+    """ the constants above as {name: comment}, read from this file so --help can show the comments """
+    source = open(path, encoding='utf-8').read()
+    block = source.split('# hyperparameters\n', 1)[1].split('# ----', 1)[0]
+    lines = re.findall(r'^([a-z_0-9]+) = .*?(?:  # (.*))?$', block, flags=re.M)
+    return {name: comment for name, comment in lines if name != 'cuda'}
+
+
+def get_config(argv, defaults=None):
+    """ the constants, with the caller's defaults and then --name=value arguments on top """
+    comments = read_constants()
+    config = {name: globals()[name] for name in comments}
+    config.update(defaults or {})
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            width = max(len(f"--{k}={v!r}") for k, v in config.items())
+            print("usage: python gpt.py [--name=value ...]   (values are Python literals; strings need no quotes)")
+            for k, v in config.items():
+                print(f"  {f'--{k}={v!r}':<{width}}  {comments[k]}")
+            raise SystemExit(0)
+        name, eq, text = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq:
+            die(f"cannot read '{arg}': write settings as --name=value, e.g. --max_iters=200 (see --help)")
+        if name not in config:
+            close = difflib.get_close_matches(name, config, n=3) or ['see --help']
+            die(f"unknown setting '{name}'; did you mean: {', '.join(close)}?")
+        default = config[name]
+        if isinstance(default, str):
+            value = text  # strings are taken as written, never evaluated
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            if isinstance(default, float) and type(value) is int:
+                value = float(value)
+            if type(value) is not type(default):
+                die(f"--{name} takes a {type(default).__name__} (like --{name}={default!r}), not '{text}'")
+        config[name] = value
+    return SimpleNamespace(**config)
+
+
+def check_config(cfg):
+    """ refuse settings that cannot work before any data is read or any time is spent """
+    for name in ('block_size', 'n_embd', 'n_head', 'n_layer', 'batch_size', 'eval_interval', 'eval_iters',
+                 'log_interval', 'num_samples'):
+        if getattr(cfg, name) <= 0:
+            die(f"{name} must be positive, not {getattr(cfg, name)}")
+    for name in ('max_iters', 'max_new_tokens', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay',
+                 'grad_clip', 'temperature', 'top_k'):
+        if getattr(cfg, name) < 0:
+            die(f"{name} must not be negative, not {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}), e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
+    if not 0 <= cfg.dropout < 1:
+        die(f"dropout must be in [0, 1), not {cfg.dropout}")
+    choices = dict(pos_emb=('learned', 'sinusoidal'), activation=('relu', 'gelu'),
+                   init_from=('scratch', 'resume', 'best'))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
+    if cfg.pos_emb == 'sinusoidal' and cfg.n_embd % 2:
+        die(f"the sinusoidal position embedding needs an even n_embd, not {cfg.n_embd}")
+
+
+def pick_device(name):
+    """ 'auto' picks CUDA, else Apple MPS, else CPU; a named device must exist on this machine """
+    if name == 'auto':
+        return torch.device('cuda' if cuda else 'mps' if torch.backends.mps.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        die(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    available = dict(cpu=True, cuda=cuda and (dev.index or 0) < torch.cuda.device_count(),
+                     mps=torch.backends.mps.is_available())
+    if not available.get(dev.type, False):
+        die(f"device '{name}' is not available on this machine; use --device=auto or --device=cpu")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------
+# data: the character tokenizer, the text encoded once to token ids on disk, and get_batch
+
+class CharTokenizer:
+    """ the lecture's tokenizer: every distinct character of the text is one token """
+
+    def __init__(self, chars):
+        self.chars = chars  # sorted list of the characters that occur in the text
+        self.stoi = {ch: i for i, ch in enumerate(chars)}
+        self.itos = {i: ch for i, ch in enumerate(chars)}
+
+    def encode(self, s):
+        """ string -> list of integers; a character the model never saw is an error that names it """
+        unknown = sorted(set(s) - self.stoi.keys())
+        if unknown:
+            raise ValueError(f"characters the model never saw: {''.join(unknown)!r}")
+        return [self.stoi[c] for c in s]
+
+    def decode(self, l):
+        """ list of integers -> string """
+        return ''.join(self.itos[i] for i in l)
+
+
+def read_text_chunks(path, chunk_chars=1 << 24):
+    """ the file's text, a few million characters at a time, so memory stays small for huge files """
+    with open(path, encoding='utf-8') as f:
+        while chunk := f.read(chunk_chars):
+            yield chunk
+
+
+def code_points(text):
+    return np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
+
+
+def prepare_data(path, cache_dir):
+    """
+    The text's vocabulary and the whole text as token ids (uint16, or uint32 past 65,536 characters),
+    encoded with numpy into a file in cache_dir once, then memory-mapped: a text larger than memory
+    still trains, and later runs start at once. The cache is rebuilt when the text file changes.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        die(f"cannot read the input file '{path}': put a UTF-8 text file there or set --input_file")
+    key = dict(file=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    meta_path, bin_path = os.path.join(cache_dir, 'data.json'), os.path.join(cache_dir, 'data.bin')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+        if meta['key'] == key:
+            return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
+    except (OSError, ValueError, KeyError):
+        pass  # no cache yet, or a stale or damaged one: build it
+    try:
+        # first pass: which characters occur, counted by code point
+        counts = np.zeros(0x110000, dtype=np.int64)
+        for chunk in read_text_chunks(path):
+            counts += np.bincount(code_points(chunk), minlength=0x110000)
+        vocab = np.flatnonzero(counts)  # code points in sorted order, as sorted(set(text))
+        if len(vocab) == 0:
+            die(f"the input file '{path}' is empty: give it some text to learn from")
+        dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
+        lookup = np.zeros(0x110000, dtype=dtype)
+        lookup[vocab] = np.arange(len(vocab))
+        # second pass: each character's code point -> its token id, written straight to disk
+        with open(bin_path + '.tmp', 'wb') as f:
+            for chunk in read_text_chunks(path):
+                f.write(lookup[code_points(chunk)].tobytes())
+        os.replace(bin_path + '.tmp', bin_path)
+        chars = [chr(c) for c in vocab]
+        with open(meta_path, 'w', encoding='utf-8') as f:
+            json.dump(dict(key=key, chars=''.join(chars), dtype=np.dtype(dtype).name), f)
+    except UnicodeDecodeError as e:
+        die(f"the input file '{path}' is not UTF-8 text (bad byte at position {e.start} of a chunk): save it as UTF-8")
+    except OSError as e:
+        die(f"cannot encode '{path}' into {cache_dir} ({e.strerror}): free some disk space or set --out_dir")
+    return chars, np.memmap(bin_path, dtype=dtype, mode='r')
+
+
+def download(url, sha256, path):
+    """ fetch the default text once, check its checksum, write it atomically """
+    import requests
+    print(f"{path} not found: downloading tiny Shakespeare from {url}")
+    try:
+        r = requests.get(url, timeout=30)
+        r.raise_for_status()
+    except requests.RequestException as e:
+        die(f"{path} is missing and the download failed ({type(e).__name__}): put a UTF-8 text file at {path} or set --input_file")
+    if hashlib.sha256(r.content).hexdigest() != sha256:
+        die(f"the file downloaded from {url} has the wrong checksum: put the text at {path} yourself")
+    with open(path + '.tmp', 'wb') as f:
+        f.write(r.content)
+    os.replace(path + '.tmp', path)
+
+
+def load_splits(cfg, checkpoint=None):
+    """ the vocabulary and the encoded text split 90/10 into train and val, each checked to be long enough """
+    if not os.path.exists(cfg.input_file) and cfg.input_file == 'input.txt':
+        download(cfg.data_url, cfg.data_sha256, cfg.input_file)
+    chars, data = prepare_data(cfg.input_file, cfg.out_dir)
+    if checkpoint and ''.join(chars) != checkpoint['chars']:
+        differing = ''.join(sorted(set(chars) ^ set(checkpoint['chars'])))
+        die(f"{cfg.input_file} and the checkpoint have different vocabularies (differing: {differing[:40]!r}): "
+            f"train from scratch with another --out_dir")
+    n = int(0.9 * len(data))  # first 90% will be train, rest val
+    splits = dict(train=data[:n], val=data[n:])
+    for split, d in splits.items():
+        if len(d) < cfg.block_size + 1:
+            die(f"{cfg.input_file} is too short for block_size={cfg.block_size}: its {split} split has {len(d)} "
+                f"characters and needs {cfg.block_size + 1}; use a longer text or a smaller --block_size")
+    return chars, splits
+
+
+def get_batch(data, block_size, batch_size, device, generator=None):
+    """ a batch of random chunks of the text: inputs x and targets y, the same characters shifted by one """
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])  # (B,T)
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])  # (B,T)
+    if device.type == 'cuda':  # pinned memory lets the copy to the GPU overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, device, ctx):
+    """
+    The mean loss over eval_iters batches of each split. The batches come from a generator of
+    their own, the same ones at every evaluation: estimates are comparable from one evaluation to
+    the next, and the training's random stream is untouched (so a resumed run matches exactly).
+    """
+    out = {}
+    was_training = model.training
+    model.eval()
+    for split, data in splits.items():
+        generator = torch.Generator().manual_seed(cfg.seed)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            X, Y = get_batch(data, cfg.block_size, cfg.batch_size, device, generator)
+            with ctx:
+                logits, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+@dataclass
+class GPTConfig:
+    """ the shape of the model: all a checkpoint needs to rebuild it """
+    vocab_size: int
+    block_size: int = 256
+    n_embd: int = 384
+    n_head: int = 6
+    n_layer: int = 6
+    dropout: float = 0.2
+    pos_emb: str = 'learned'
+    activation: str = 'relu'
+    qkv_bias: bool = False
+    fused_attention: bool = True
+
+
+class Head(nn.Module):
+    """ one head of self-attention """
+
+    def __init__(self, config, head_size):
+        super().__init__()
+        self.key = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
+        self.query = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
+        self.register_buffer('tril', torch.tril(torch.ones(config.block_size, config.block_size)), persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # input of size (batch, time-step, channels), output of size (batch, time-step, head size)
+        B, T, C = x.shape
+        k = self.key(x)  # (B,T,hs)
+        q = self.query(x)  # (B,T,hs)
+        # compute attention scores ("affinities"), scaled by the head size (the video scales by C)
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B,T,hs) @ (B,hs,T) -> (B,T,T)
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # (B,T,T)
+        wei = F.softmax(wei, dim=-1)  # (B,T,T)
+        wei = self.dropout(wei)
+        # perform the weighted aggregation of the values
+        v = self.value(x)  # (B,T,hs)
+        out = wei @ v  # (B,T,T) @ (B,T,hs) -> (B,T,hs)
+        return out
+
+
+class MultiHeadAttention(nn.Module):
+    """ multiple heads of self-attention in parallel """
+
+    def __init__(self, config):
+        super().__init__()
+        head_size = config.n_embd // config.n_head
+        self.heads = nn.ModuleList([Head(config, head_size) for _ in range(config.n_head)])
+        self.proj = nn.Linear(head_size * config.n_head, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.fused = config.fused_attention
+        self.attn_dropout = config.dropout
+
+    def forward(self, x):
+        if self.fused:
+            out = self.all_heads_at_once(x)  # (B,T,C)
+        else:
+            out = torch.cat([h(x) for h in self.heads], dim=-1)  # the lecture's way, a head at a time: (B,T,C)
+        out = self.dropout(self.proj(out))
+        return out
+
+    def all_heads_at_once(self, x):
+        """ the same heads with the same weights, as one matmul for every q, k, v and one fused attention kernel """
+        B, T, C = x.shape
+        nh = len(self.heads)
+        w = torch.cat([h.query.weight for h in self.heads] + [h.key.weight for h in self.heads]
+                      + [h.value.weight for h in self.heads])  # (3C,C): every head's projections stacked
+        b = None
+        if self.heads[0].query.bias is not None:
+            b = torch.cat([h.query.bias for h in self.heads] + [h.key.bias for h in self.heads]
+                          + [h.value.bias for h in self.heads])  # (3C,)
+        q, k, v = F.linear(x, w, b).split(C, dim=2)  # 3 x (B,T,C)
+        q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
+        k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
+        v = v.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
+        # softmax(q @ k^T * hs**-0.5, causal mask) @ v, as in Head, without materializing (T,T) on GPU
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
+                                             is_causal=True)  # (B,nh,T,hs)
+        return out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as torch.cat does: (B,T,C)
+
+
+class FeedForward(nn.Module):
+    """ a simple linear layer followed by a non-linearity """
+
+    def __init__(self, config):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.GELU() if config.activation == 'gelu' else nn.ReLU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """ Transformer block: communication followed by computation """
+
+    def __init__(self, config):
+        super().__init__()
+        self.sa = MultiHeadAttention(config)
+        self.ffwd = FeedForward(config)
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+
+    def forward(self, x):
+        x = x + self.sa(self.ln1(x))
+        x = x + self.ffwd(self.ln2(x))
+        return x
+
+
+def sinusoidal_table(block_size, n_embd):
+    """ the fixed position embedding of "Attention Is All You Need": sin on even channels, cos on odd """
+    pos = torch.arange(block_size, dtype=torch.float32)[:, None]  # (T,1)
+    freq = 10000 ** (-torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (C/2,)
+    table = torch.zeros(block_size, n_embd)
+    table[:, 0::2] = torch.sin(pos * freq)  # (T,C/2)
+    table[:, 1::2] = torch.cos(pos * freq)  # (T,C/2)
+    return table
+
+
+class GPTLanguageModel(nn.Module):
+    """ a decoder-only transformer that predicts the next character """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_emb == 'learned':
+            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        else:  # a buffer, not a parameter: never trained
+            self.register_buffer('position_sinusoids', sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)  # final layer norm
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        # idx and targets are both (B,T) tensor of integers
+        tok_emb = self.token_embedding_table(idx)  # (B,T,C)
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        if self.config.pos_emb == 'learned':
+            pos_emb = self.position_embedding_table(pos)  # (T,C)
+        else:
+            pos_emb = self.position_sinusoids[:T]  # (T,C)
+        x = tok_emb + pos_emb  # (B,T,C)
+        x = self.blocks(x)  # (B,T,C)
+        x = self.ln_f(x)  # (B,T,C)
+        logits = self.lm_head(x)  # (B,T,vocab_size)
+
+        if targets is None:
+            loss = None
+        else:
+            B, T, C = logits.shape
+            loss = F.cross_entropy(logits.view(B * T, C), targets.view(B * T))
+        return logits, loss
+
+    @torch.no_grad()  # the lecture samples with autograd on and, after training, with dropout on
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        # idx is (B, T) array of indices in the current context
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                # crop idx to the last block_size tokens
+                idx_cond = idx[:, -self.config.block_size:]  # (B, <=block_size)
+                logits, loss = self(idx_cond)
+                # focus only on the last time step
+                logits = logits[:, -1, :]  # becomes (B, C)
+                if temperature == 0:  # greedy: the most likely character, whatever the seed
+                    idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+                else:
+                    logits = logits / temperature
+                    if top_k:
+                        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
+                        logits[logits < v[:, [-1]]] = float('-inf')
+                    probs = F.softmax(logits, dim=-1)  # (B, C)
+                    idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+                # append sampled index to the running sequence
+                idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# training, checkpoints and sampling
+
+def configure_optimizer(model, cfg, device):
+    """ AdamW with weight decay on the weight matrices only (not on biases and layer norms) """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    fused = device.type in ('cuda', 'cpu')  # one kernel for the whole update, where PyTorch has it
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def get_lr(step, cfg):
+    """ linear warmup to learning_rate, then cosine decay to min_lr at max_iters """
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.learning_rate - cfg.min_lr)
+
+
+def save_checkpoint(path, model, optimizer, step, best_val_loss, cfg, chars):
+    """ everything needed to resume exactly or to sample later; written to a temporary file, then renamed """
+    checkpoint = dict(
+        model=model.state_dict(), optimizer=optimizer.state_dict(), model_class=type(model).__name__,
+        model_args=asdict(model.config), config=vars(cfg), step=step, best_val_loss=best_val_loss,
+        chars=''.join(chars), rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.cuda.get_rng_state_all() if cuda else [],
+    )
+    try:
+        torch.save(checkpoint, path + '.tmp')
+        os.replace(path + '.tmp', path)  # atomic: a crash mid-save leaves the previous checkpoint as it was
+    except (OSError, RuntimeError) as e:
+        die(f"could not write {path} ({e}); the previous checkpoint is intact: free some disk space or set --out_dir")
+
+
+def load_checkpoint(path, model_class):
+    """ a checkpoint of this script, read as plain tensors and values (weights_only: it cannot run code) """
+    if not os.path.exists(path):
+        die(f"no checkpoint at {path}: train one first (python gpt.py), or set --out_dir")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint['model_class'], checkpoint['model'], checkpoint['chars'], checkpoint['step']
+    except Exception as e:  # truncated, corrupt, or not a checkpoint at all: whatever torch raises
+        die(f"{path} is damaged or not a checkpoint of gpt.py ({type(e).__name__}): delete it, or use --init_from=scratch")
+    if checkpoint['model_class'] != model_class.__name__:
+        die(f"{path} holds a {checkpoint['model_class']}, not a {model_class.__name__}: use another --out_dir")
+    return checkpoint
+
+
+def train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss):
+    """ the lecture's training loop, with a learning-rate schedule, checkpoints, a log and Ctrl-C """
+    raw_model = model._orig_mod if hasattr(model, '_orig_mod') else model  # compiled models wrap the original
+    ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
+    log_path = os.path.join(cfg.out_dir, 'log.csv')
+    if step == 0 or not os.path.exists(log_path):
+        with open(log_path, 'w', newline='') as f:
+            csv.writer(f).writerow(['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s'])
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    stop = []  # Ctrl-C asks the loop to stop at the end of the current step, save, and sample
+    def on_ctrl_c(signum, frame):
+        print("\nCtrl-C: stopping after this step and saving (press again to quit at once)", flush=True)
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    start_step, t_start, eval_time, evals_done = step, time.time(), 0.0, 0
+    t_log, step_log = time.time(), step
+    while True:
+        # every once in a while evaluate the loss on train and val sets
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not stop and (step > start_step or step == 0):
+            t0 = time.time()
+            losses = estimate_loss(model, splits, cfg, device, ctx)
+            eval_time, evals_done = eval_time + time.time() - t0, evals_done + 1
+            t_log += time.time() - t0  # ms/step counts training steps only
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+            with open(log_path, 'a', newline='') as f:
+                csv.writer(f).writerow([step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
+                                        f"{get_lr(step, cfg):.3e}", f"{time.time() - t_start:.1f}"])
+            if losses['val'] < best_val_loss and step > 0:
+                best_val_loss = losses['val']
+                save_checkpoint(best_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
+        if step >= cfg.max_iters or stop:
+            break
+
+        # sample a batch of data, evaluate the loss, take a step
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        xb, yb = get_batch(splits['train'], cfg.block_size, cfg.batch_size, device)
+        with ctx:
+            logits, loss = model(xb, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+
+        lossf = loss.item()
+        if not math.isfinite(lossf):
+            die(f"the loss became {lossf} at step {step}; the checkpoints in {cfg.out_dir} are from before it: "
+                f"lower --learning_rate (now {cfg.learning_rate}) or set --grad_clip=1.0")
+        if step % cfg.log_interval == 0:
+            now = time.time()
+            dt = (now - t_log) / (step - step_log)
+            evals_left = cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval + (cfg.max_iters % cfg.eval_interval > 0)
+            left = dt * (cfg.max_iters - step) + evals_left * eval_time / max(1, evals_done)
+            print(f"  step {step}/{cfg.max_iters} | loss {lossf:.4f} | {dt * 1000:.0f} ms/step | "
+                  f"{tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - t_start)} | "
+                  f"left {format_time(left)}", flush=True)
+            t_log, step_log = time.time(), step
+    signal.signal(signal.SIGINT, previous_handler)
+    save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
+    print(f"saved {ckpt_path} at step {step} ({format_time(time.time() - t_start)})", flush=True)
+
+
+def format_time(seconds):
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+def sample(model, tokenizer, cfg, device, ctx):
+    """ print num_samples samples, each character as soon as it is generated """
+    context = tokenizer.encode(cfg.prompt) if cfg.prompt else [0]  # the lecture starts from token 0
+    for _ in range(cfg.num_samples):
+        idx = torch.tensor([context], dtype=torch.long, device=device)  # (1,T)
+        print(cfg.prompt, end='', flush=True)
+        for _ in range(cfg.max_new_tokens):
+            with ctx:
+                idx = model.generate(idx, 1, temperature=cfg.temperature, top_k=cfg.top_k)  # (1,T+1)
+            print(tokenizer.decode(idx[0, -1:].tolist()), end='', flush=True)
+        print('\n' + '-' * 40 if cfg.num_samples > 1 else '', flush=True)
+
+
+def main(argv=None, model_class=None, defaults=None):
+    """ python gpt.py: train (or resume), then sample; bigram.py calls this with its own model """
+    cfg = get_config(sys.argv[1:] if argv is None else argv, defaults)
+    model_class = model_class or GPTLanguageModel
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    try:  # find out now, not after an hour of training, that checkpoints cannot be written
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, '.write_test'), 'w'):
+            pass
+        os.remove(os.path.join(cfg.out_dir, '.write_test'))
+    except OSError as e:
+        die(f"cannot write to out_dir '{cfg.out_dir}' ({e.strerror}): set --out_dir to a writable folder")
+
+    checkpoint = None
+    if cfg.init_from != 'scratch':
+        name = 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt'
+        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, name), model_class)
+    step = checkpoint['step'] if checkpoint else 0
+    training = step < cfg.max_iters
+
+    # data: only read when there is training to do, so sampling from a checkpoint needs no text file
+    if training:
+        chars, splits = load_splits(cfg, checkpoint)
+    else:
+        chars, splits = list(checkpoint['chars']), {}
+    tokenizer = CharTokenizer(chars)
+    try:
+        tokenizer.encode(cfg.prompt)
+    except ValueError as e:
+        die(f"the prompt has {e}: change --prompt")
+
+    # the model: its shape comes from the checkpoint when there is one
+    if checkpoint:
+        config = GPTConfig(**{**checkpoint['model_args'], 'dropout': cfg.dropout,
+                              'fused_attention': cfg.fused_attention})
+        cfg.block_size = config.block_size
+    else:
+        config = GPTConfig(vocab_size=len(chars), **{k: getattr(cfg, k) for k in (
+            'block_size', 'n_embd', 'n_head', 'n_layer', 'dropout', 'pos_emb', 'activation', 'qkv_bias',
+            'fused_attention')})
+    model = model_class(config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    if checkpoint:
+        try:
+            model.load_state_dict(checkpoint['model'])
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            die(f"the checkpoint does not fit this model ({str(e).splitlines()[0][:120]}): use another --out_dir")
+        torch.set_rng_state(checkpoint['rng_cpu'])
+        if cuda and checkpoint['rng_cuda']:
+            torch.cuda.set_rng_state_all(checkpoint['rng_cuda'])
+
+    # bf16 autocast where the GPU has it and TF32 matmuls: the speed of mixed precision, no loss scaling
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    ctx = torch.autocast(device_type='cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    counts = {}
+    for name, p in model.named_parameters():
+        part = 'embeddings' if 'embedding' in name else 'blocks' if name.startswith('blocks') else 'head'
+        counts[part] = counts.get(part, 0) + p.numel()
+    print(f"device: {device}{' (bf16 autocast)' if use_bf16 else ''}, {torch.get_num_threads()} CPU threads")
+    print(f"parameters: {sum(counts.values()) / 1e6:.2f}M ("
+          + ', '.join(f"{part} {n / 1e6:.2f}M" for part, n in counts.items()) + ")")
+    print(f"vocabulary: {len(chars)} characters; model: {config.n_layer} layers, {config.n_head} heads, "
+          f"n_embd {config.n_embd}, block_size {config.block_size}")
+
+    if training:
+        if cfg.torch_compile:
+            model = torch.compile(model)
+        print(f"training: {cfg.max_iters - step} steps to step {cfg.max_iters}, "
+              f"{cfg.batch_size * cfg.block_size:,} tokens per step", flush=True)
+        best_val_loss = checkpoint['best_val_loss'] if checkpoint else float('inf')
+        train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss)
+        model = model._orig_mod if hasattr(model, '_orig_mod') else model
+
+    # generate from the model
+    sample(model, tokenizer, cfg, device, ctx)
+
+
+if __name__ == '__main__':
+    main()

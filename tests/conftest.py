@@ -1,0 +1,27 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# a model small enough that a whole run takes a second or two on a CPU
+TINY = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4',
+        '--max_iters=20', '--eval_interval=10', '--eval_iters=2', '--log_interval=10', '--warmup_iters=2',
+        '--max_new_tokens=30']
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """ a folder holding the first 20,000 characters of tiny Shakespeare as input.txt """
+    with open(os.path.join(ROOT, 'input.txt'), encoding='utf-8') as f:
+        (tmp_path / 'input.txt').write_text(f.read(20000), encoding='utf-8')
+    return tmp_path
+
+
+def run_script(cwd, *args, script='gpt.py', timeout=120):
+    """ run gpt.py (or bigram.py) as a user would, in cwd; returns the finished process """
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,81 @@
+""" the scripts run as a user runs them: python gpt.py, python bigram.py, and their settings """
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, TINY, run_script
+
+STEP_LINE = re.compile(r'^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$', re.M)
+
+
+def test_importing_gpt_prints_nothing_and_touches_nothing(tmp_path):
+    p = subprocess.run([sys.executable, '-c', 'import gpt, bigram'], cwd=tmp_path, capture_output=True, text=True,
+                       env={'PYTHONPATH': ROOT, 'PATH': ''})
+    assert p.returncode == 0 and p.stdout == '' and p.stderr == ''
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpt_trains_prints_the_lectures_step_lines_and_a_sample(workdir):
+    p = run_script(workdir, *TINY, '--prompt=ROMEO:')
+    assert p.returncode == 0, p.stderr
+    steps = [int(s) for s, _, _ in STEP_LINE.findall(p.stdout)]
+    assert steps == [0, 10, 20]
+    assert 'parameters:' in p.stdout and 'tokens per step' in p.stdout and 'device: cpu' in p.stdout
+    sample = p.stdout.split('ROMEO:', 1)[1]
+    assert len(sample.strip()) > 10
+
+
+def test_bigram_loss_falls_like_the_lectures(workdir):
+    p = run_script(workdir, '--device=cpu', '--max_iters=300', '--eval_interval=100', '--eval_iters=20',
+                   '--max_new_tokens=50', script='bigram.py')
+    assert p.returncode == 0, p.stderr
+    vals = [float(v) for _, _, v in STEP_LINE.findall(p.stdout)]
+    assert 4.0 < vals[0] < 5.0 and vals[-1] < 2.8
+
+
+def test_same_seed_same_losses(workdir):
+    a = run_script(workdir, *TINY, '--out_dir=a')
+    b = run_script(workdir, *TINY, '--out_dir=b')
+    assert STEP_LINE.findall(a.stdout) == STEP_LINE.findall(b.stdout) != []
+    c = run_script(workdir, *TINY, '--out_dir=c', '--seed=7')
+    assert STEP_LINE.findall(c.stdout) != STEP_LINE.findall(a.stdout)
+
+
+def test_help_lists_every_constant_with_default_and_comment(workdir):
+    p = run_script(workdir, '--help')
+    assert p.returncode == 0
+    assert re.search(r"--n_embd=\d+ +width of the embedding", p.stdout)
+    assert "--learning_rate=0.001" in p.stdout and "--device='auto'" in p.stdout
+    b = run_script(workdir, '--help', script='bigram.py')
+    assert "--learning_rate=0.01" in b.stdout and "--block_size=8" in b.stdout
+
+
+def one_line_error(p):
+    """ the script failed with a single line on stderr, and no traceback """
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith('error: '), p.stderr
+    return lines[0]
+
+
+def test_unknown_setting_names_the_closest(workdir):
+    line = one_line_error(run_script(workdir, '--max_iter=5'))
+    assert 'max_iters' in line
+
+
+def test_wrong_type_is_refused(workdir):
+    line = one_line_error(run_script(workdir, '--max_iters=lots'))
+    assert 'int' in line and 'max_iters' in line
+    line = one_line_error(run_script(workdir, '--qkv_bias=1'))
+    assert 'bool' in line
+
+
+def test_values_are_literals_never_code(workdir):
+    line = one_line_error(run_script(workdir, "--max_iters=__import__('os').getpid()"))
+    assert 'max_iters' in line
+
+
+def test_overrides_reach_the_run(workdir):
+    p = run_script(workdir, *TINY, '--max_iters=10', '--eval_interval=5', '--temperature=1')
+    assert p.returncode == 0, p.stderr
+    assert [int(s) for s, _, _ in STEP_LINE.findall(p.stdout)] == [0, 5, 10]
