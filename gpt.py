@@ -42,27 +42,28 @@ data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tiny
 data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'  # checksum the download must have
 # model
 block_size = 256 if cuda else 128  # what is the maximum context length for predictions?
-n_embd = 384 if cuda else 192  # width of the embedding of each token
-n_head = 6 if cuda else 6  # attention heads per block; n_embd must be divisible by n_head
-n_layer = 6 if cuda else 4  # transformer blocks
-dropout = 0.2 if cuda else 0.0  # 0 on CPU: a 3-minute run cannot overfit, and attention keeps its fused kernel
+n_embd = 384 if cuda else 128  # width of the embedding of each token
+n_head = 6 if cuda else 4  # attention heads per block; n_embd must be divisible by n_head
+n_layer = 6 if cuda else 2  # transformer blocks; in 3 minutes of CPU, more steps of 2 beat fewer of 4
+dropout = 0.2 if cuda else 0.0  # 0 on CPU: 3 minutes cannot overfit, and attention keeps its fused kernel
 pos_emb = 'learned'  # position embedding: 'learned' (the lecture's table) or 'sinusoidal' (fixed sin/cos)
-activation = 'relu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2)
+activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, a little better here)
 qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GPT-2: yes)
 fused_attention = True  # all heads at once in one fused kernel; False runs the lecture's per-head code
 # training
-batch_size = 64 if cuda else 32  # how many independent sequences will we process in parallel?
+batch_size = 64 if cuda else 24  # how many independent sequences will we process in parallel?
 max_iters = 5000 if cuda else 2000  # total optimizer steps; a resumed run continues up to this
-eval_interval = 500 if cuda else 250  # estimate train and val loss every this many steps
-eval_iters = 200 if cuda else 50  # batches of each split averaged in one estimate
-log_interval = 100 if cuda else 50  # print progress every this many steps
-learning_rate = 1e-3  # peak learning rate, reached after the warmup
-min_lr = 1e-4  # the learning rate decays to this at max_iters (cosine)
-warmup_iters = 100  # steps of linear warmup from 0
+eval_interval = 500  # estimate train and val loss every this many steps
+eval_iters = 200 if cuda else 40  # batches of each split averaged in one estimate (standard error < 0.01)
+log_interval = 100  # print progress every this many steps
+learning_rate = 1e-3 if cuda else 6e-3  # peak learning rate, reached after the warmup; a small model takes a larger one
+min_lr = 1e-4 if cuda else 6e-4  # the learning rate decays to this, a tenth of the peak, at max_iters (cosine)
+warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
 weight_decay = 0.1  # AdamW weight decay, applied to weight matrices only
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99  # AdamW beta2; 0.99 rather than 0.999 since each step sees few tokens
 grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
+gradient_accumulation_steps = 1  # micro-batches per step: a larger batch than fits in memory
 # sampling
 prompt = ''  # text the sample starts from; '' starts from the vocabulary's first character, as the lecture
 num_samples = 1  # how many samples to print
@@ -79,92 +80,6 @@ torch_compile = False  # compile the model with torch.compile: a slow start, the
 # ----------------------------------------------------------------------------------------------
 
 
-def die(message):
-    """ stop with a one-line message for the user, no traceback """
-    raise SystemExit(f"error: {message}")
-
-
-def read_constants(path=__file__):
-    """ the constants above as {name: comment}, read from this file so --help can show the comments """
-    source = open(path, encoding='utf-8').read()
-    block = source.split('# hyperparameters\n', 1)[1].split('# ----', 1)[0]
-    lines = re.findall(r'^([a-z_0-9]+) = .*?(?:  # (.*))?$', block, flags=re.M)
-    return {name: comment for name, comment in lines if name != 'cuda'}
-
-
-def get_config(argv, defaults=None):
-    """ the constants, with the caller's defaults and then --name=value arguments on top """
-    comments = read_constants()
-    config = {name: globals()[name] for name in comments}
-    config.update(defaults or {})
-    for arg in argv:
-        if arg in ('-h', '--help'):
-            width = max(len(f"--{k}={v!r}") for k, v in config.items())
-            print("usage: python gpt.py [--name=value ...]   (values are Python literals; strings need no quotes)")
-            for k, v in config.items():
-                print(f"  {f'--{k}={v!r}':<{width}}  {comments[k]}")
-            raise SystemExit(0)
-        name, eq, text = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq:
-            die(f"cannot read '{arg}': write settings as --name=value, e.g. --max_iters=200 (see --help)")
-        if name not in config:
-            close = difflib.get_close_matches(name, config, n=3) or ['see --help']
-            die(f"unknown setting '{name}'; did you mean: {', '.join(close)}?")
-        default = config[name]
-        if isinstance(default, str):
-            value = text  # strings are taken as written, never evaluated
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-            if isinstance(default, float) and type(value) is int:
-                value = float(value)
-            if type(value) is not type(default):
-                die(f"--{name} takes a {type(default).__name__} (like --{name}={default!r}), not '{text}'")
-        config[name] = value
-    return SimpleNamespace(**config)
-
-
-def check_config(cfg):
-    """ refuse settings that cannot work before any data is read or any time is spent """
-    for name in ('block_size', 'n_embd', 'n_head', 'n_layer', 'batch_size', 'eval_interval', 'eval_iters',
-                 'log_interval', 'num_samples'):
-        if getattr(cfg, name) <= 0:
-            die(f"{name} must be positive, not {getattr(cfg, name)}")
-    for name in ('max_iters', 'max_new_tokens', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay',
-                 'grad_clip', 'temperature', 'top_k'):
-        if getattr(cfg, name) < 0:
-            die(f"{name} must not be negative, not {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}), e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
-    if not 0 <= cfg.dropout < 1:
-        die(f"dropout must be in [0, 1), not {cfg.dropout}")
-    choices = dict(pos_emb=('learned', 'sinusoidal'), activation=('relu', 'gelu'),
-                   init_from=('scratch', 'resume', 'best'))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
-    if cfg.pos_emb == 'sinusoidal' and cfg.n_embd % 2:
-        die(f"the sinusoidal position embedding needs an even n_embd, not {cfg.n_embd}")
-
-
-def pick_device(name):
-    """ 'auto' picks CUDA, else Apple MPS, else CPU; a named device must exist on this machine """
-    if name == 'auto':
-        return torch.device('cuda' if cuda else 'mps' if torch.backends.mps.is_available() else 'cpu')
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        die(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
-    available = dict(cpu=True, cuda=cuda and (dev.index or 0) < torch.cuda.device_count(),
-                     mps=torch.backends.mps.is_available())
-    if not available.get(dev.type, False):
-        die(f"device '{name}' is not available on this machine; use --device=auto or --device=cpu")
-    return dev
-
-
-# ----------------------------------------------------------------------------------------------
 # data: the character tokenizer, the text encoded once to token ids on disk, and get_batch
 
 class CharTokenizer:
@@ -295,16 +210,20 @@ def estimate_loss(model, splits, cfg, device, ctx):
     the next, and the training's random stream is untouched (so a resumed run matches exactly).
     """
     out = {}
+    rank, world = rank_and_world()
     was_training = model.training
     model.eval()
     for split, data in splits.items():
         generator = torch.Generator().manual_seed(cfg.seed)
-        losses = torch.zeros(cfg.eval_iters)
+        losses = torch.zeros(cfg.eval_iters, device=device)
         for k in range(cfg.eval_iters):
             X, Y = get_batch(data, cfg.block_size, cfg.batch_size, device, generator)
-            with ctx:
-                logits, loss = model(X, Y)
-            losses[k] = loss.item()
+            if k % world == rank:  # under torchrun each process evaluates its share of the batches
+                with ctx:
+                    logits, loss = model(X, Y)
+                losses[k] = loss.item()
+        if world > 1:
+            torch.distributed.all_reduce(losses)
         out[split] = losses.mean().item()
     model.train(was_training)
     return out
@@ -515,6 +434,13 @@ class GPTLanguageModel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # training, checkpoints and sampling
 
+def rank_and_world():
+    """ this process's rank and the number of processes: (0, 1) unless started by torchrun """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def configure_optimizer(model, cfg, device):
     """ AdamW with weight decay on the weight matrices only (not on biases and layer norms) """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -544,6 +470,8 @@ def save_checkpoint(path, model, optimizer, step, best_val_loss, cfg, chars):
         torch.save(checkpoint, path + '.tmp')
         os.replace(path + '.tmp', path)  # atomic: a crash mid-save leaves the previous checkpoint as it was
     except (OSError, RuntimeError) as e:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
         die(f"could not write {path} ({e}); the previous checkpoint is intact: free some disk space or set --out_dir")
 
 
@@ -563,13 +491,16 @@ def load_checkpoint(path, model_class):
 
 def train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss):
     """ the lecture's training loop, with a learning-rate schedule, checkpoints, a log and Ctrl-C """
-    raw_model = model._orig_mod if hasattr(model, '_orig_mod') else model  # compiled models wrap the original
+    rank, world = rank_and_world()
+    single = model.module if world > 1 else model  # DistributedDataParallel wraps the model,
+    raw_model = getattr(single, '_orig_mod', single)  # and torch.compile wraps it too
     ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
     log_path = os.path.join(cfg.out_dir, 'log.csv')
-    if step == 0 or not os.path.exists(log_path):
+    if rank == 0 and (step == 0 or not os.path.exists(log_path)):
         with open(log_path, 'w', newline='') as f:
             csv.writer(f).writerow(['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s'])
-    tokens_per_step = cfg.batch_size * cfg.block_size
+    accum = cfg.gradient_accumulation_steps
+    tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
     stop = []  # Ctrl-C asks the loop to stop at the end of the current step, save, and sample
     def on_ctrl_c(signum, frame):
         print("\nCtrl-C: stopping after this step and saving (press again to quit at once)", flush=True)
@@ -579,19 +510,22 @@ def train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss
     start_step, t_start, eval_time, evals_done = step, time.time(), 0.0, 0
     t_log, step_log = time.time(), step
     while True:
-        # every once in a while evaluate the loss on train and val sets
+        # every once in a while evaluate the loss on train and val sets, and save
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not stop and (step > start_step or step == 0):
             t0 = time.time()
-            losses = estimate_loss(model, splits, cfg, device, ctx)
+            losses = estimate_loss(single, splits, cfg, device, ctx)
             eval_time, evals_done = eval_time + time.time() - t0, evals_done + 1
             t_log += time.time() - t0  # ms/step counts training steps only
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
-            with open(log_path, 'a', newline='') as f:
-                csv.writer(f).writerow([step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
-                                        f"{get_lr(step, cfg):.3e}", f"{time.time() - t_start:.1f}"])
-            if losses['val'] < best_val_loss and step > 0:
-                best_val_loss = losses['val']
-                save_checkpoint(best_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
+            if rank == 0:
+                with open(log_path, 'a', newline='') as f:
+                    csv.writer(f).writerow([step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
+                                            f"{get_lr(step, cfg):.3e}", f"{time.time() - t_start:.1f}"])
+                if losses['val'] < best_val_loss and step > 0:
+                    best_val_loss = losses['val']
+                    save_checkpoint(best_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
+                if step > start_step:
+                    save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
         if step >= cfg.max_iters or stop:
             break
 
@@ -599,17 +533,26 @@ def train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        xb, yb = get_batch(splits['train'], cfg.block_size, cfg.batch_size, device)
-        with ctx:
-            logits, loss = model(xb, yb)
+        # every process draws the same batch of batch_size * accum * world sequences and trains on its share,
+        # in accum micro-batches: one process, many, or accumulation all give the same step (without dropout)
+        xb, yb = get_batch(splits['train'], cfg.block_size, cfg.batch_size * accum * world, device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for micro_step, (x, y) in enumerate(zip(xb.chunk(world)[rank].chunk(accum), yb.chunk(world)[rank].chunk(accum))):
+            if world > 1:  # average the gradients across processes after the last micro-batch only
+                model.require_backward_grad_sync = micro_step == accum - 1
+            with ctx:
+                logits, loss = model(x, y)
+            (loss / accum).backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
 
         lossf = loss.item()
+        if world > 1:  # the mean loss of all processes, and a Ctrl-C in any of them stops them all at this step
+            shared = torch.tensor([lossf / world, float(len(stop))], device=device)
+            torch.distributed.all_reduce(shared)
+            lossf, stop = shared[0].item(), stop or ([signal.SIGINT] if shared[1].item() else [])
         if not math.isfinite(lossf):
             die(f"the loss became {lossf} at step {step}; the checkpoints in {cfg.out_dir} are from before it: "
                 f"lower --learning_rate (now {cfg.learning_rate}) or set --grad_clip=1.0")
@@ -623,7 +566,8 @@ def train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss
                   f"left {format_time(left)}", flush=True)
             t_log, step_log = time.time(), step
     signal.signal(signal.SIGINT, previous_handler)
-    save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
+    if rank == 0 and (stop or step == start_step):  # else the evaluation at max_iters just saved it
+        save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
     print(f"saved {ckpt_path} at step {step} ({format_time(time.time() - t_start)})", flush=True)
 
 
@@ -644,18 +588,115 @@ def sample(model, tokenizer, cfg, device, ctx):
         print('\n' + '-' * 40 if cfg.num_samples > 1 else '', flush=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# settings from the command line, checked before any time is spent
+
+def die(message):
+    """ stop with a one-line message for the user, no traceback """
+    raise SystemExit(f"error: {message}")
+
+
+def read_constants(path=__file__):
+    """ the constants above as {name: comment}, read from this file so --help can show the comments """
+    source = open(path, encoding='utf-8').read()
+    block = source.split('# hyperparameters\n', 1)[1].split('# ----', 1)[0]
+    lines = re.findall(r'^([a-z_0-9]+) = .*?(?:  # (.*))?$', block, flags=re.M)
+    return {name: comment for name, comment in lines if name != 'cuda'}
+
+
+def get_config(argv, defaults=None):
+    """ the constants, with the caller's defaults and then --name=value arguments on top """
+    comments = read_constants()
+    config = {name: globals()[name] for name in comments}
+    config.update(defaults or {})
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            width = max(len(f"--{k}={v!r}") for k, v in config.items())
+            print("usage: python gpt.py [--name=value ...]   (values are Python literals; strings need no quotes)")
+            for k, v in config.items():
+                print(f"  {f'--{k}={v!r}':<{width}}  {comments[k]}")
+            raise SystemExit(0)
+        name, eq, text = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq:
+            die(f"cannot read '{arg}': write settings as --name=value, e.g. --max_iters=200 (see --help)")
+        if name not in config:
+            close = difflib.get_close_matches(name, config, n=3) or ['see --help']
+            die(f"unknown setting '{name}'; did you mean: {', '.join(close)}?")
+        default = config[name]
+        if isinstance(default, str):
+            value = text  # strings are taken as written, never evaluated
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            if isinstance(default, float) and type(value) is int:
+                value = float(value)
+            if type(value) is not type(default):
+                die(f"--{name} takes a {type(default).__name__} (like --{name}={default!r}), not '{text}'")
+        config[name] = value
+    return SimpleNamespace(**config)
+
+
+def check_config(cfg):
+    """ refuse settings that cannot work before any data is read or any time is spent """
+    for name in ('block_size', 'n_embd', 'n_head', 'n_layer', 'batch_size', 'gradient_accumulation_steps',
+                 'eval_interval', 'eval_iters', 'log_interval', 'num_samples'):
+        if getattr(cfg, name) <= 0:
+            die(f"{name} must be positive, not {getattr(cfg, name)}")
+    for name in ('max_iters', 'max_new_tokens', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay',
+                 'grad_clip', 'temperature', 'top_k'):
+        if getattr(cfg, name) < 0:
+            die(f"{name} must not be negative, not {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}), e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
+    if not 0 <= cfg.dropout < 1:
+        die(f"dropout must be in [0, 1), not {cfg.dropout}")
+    choices = dict(pos_emb=('learned', 'sinusoidal'), activation=('relu', 'gelu'),
+                   init_from=('scratch', 'resume', 'best'))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
+    if cfg.pos_emb == 'sinusoidal' and cfg.n_embd % 2:
+        die(f"the sinusoidal position embedding needs an even n_embd, not {cfg.n_embd}")
+
+
+def pick_device(name):
+    """ 'auto' picks CUDA, else Apple MPS, else CPU; a named device must exist on this machine """
+    if name == 'auto':
+        return torch.device('cuda' if cuda else 'mps' if torch.backends.mps.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        die(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    available = dict(cpu=True, cuda=cuda and (dev.index or 0) < torch.cuda.device_count(),
+                     mps=torch.backends.mps.is_available())
+    if not available.get(dev.type, False):
+        die(f"device '{name}' is not available on this machine; use --device=auto or --device=cpu")
+    return dev
+
+
 def main(argv=None, model_class=None, defaults=None):
     """ python gpt.py: train (or resume), then sample; bigram.py calls this with its own model """
     cfg = get_config(sys.argv[1:] if argv is None else argv, defaults)
     model_class = model_class or GPTLanguageModel
     check_config(cfg)
     device = pick_device(cfg.device)
+    # torchrun starts one process per device and gives each a RANK; plain python gpt.py runs alone
+    if 'RANK' in os.environ:
+        torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(device)
+        if torch.distributed.get_rank() > 0:
+            sys.stdout = open(os.devnull, 'w')  # only the first process prints, saves and samples
+    rank, world = rank_and_world()
     torch.manual_seed(cfg.seed)
     try:  # find out now, not after an hour of training, that checkpoints cannot be written
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, '.write_test'), 'w'):
-            pass
-        os.remove(os.path.join(cfg.out_dir, '.write_test'))
+        test_file = os.path.join(cfg.out_dir, f'.write_test{os.getpid()}')
+        open(test_file, 'w').close()
+        os.remove(test_file)
     except OSError as e:
         die(f"cannot write to out_dir '{cfg.out_dir}' ({e.strerror}): set --out_dir to a writable folder")
 
@@ -668,7 +709,11 @@ def main(argv=None, model_class=None, defaults=None):
 
     # data: only read when there is training to do, so sampling from a checkpoint needs no text file
     if training:
+        if rank > 0:
+            torch.distributed.barrier()  # the first process encodes the text, then the others read it
         chars, splits = load_splits(cfg, checkpoint)
+        if rank == 0 and world > 1:
+            torch.distributed.barrier()
     else:
         chars, splits = list(checkpoint['chars']), {}
     tokenizer = CharTokenizer(chars)
@@ -715,16 +760,20 @@ def main(argv=None, model_class=None, defaults=None):
           f"n_embd {config.n_embd}, block_size {config.block_size}")
 
     if training:
-        if cfg.torch_compile:
-            model = torch.compile(model)
-        print(f"training: {cfg.max_iters - step} steps to step {cfg.max_iters}, "
-              f"{cfg.batch_size * cfg.block_size:,} tokens per step", flush=True)
+        trained = torch.compile(model) if cfg.torch_compile else model
+        if world > 1:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                trained, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
+        print(f"training: {cfg.max_iters - step} steps to step {cfg.max_iters}, {tokens:,} tokens per step"
+              + (f" ({world} processes)" if world > 1 else ""), flush=True)
         best_val_loss = checkpoint['best_val_loss'] if checkpoint else float('inf')
-        train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss)
-        model = model._orig_mod if hasattr(model, '_orig_mod') else model
-
-    # generate from the model
-    sample(model, tokenizer, cfg, device, ctx)
+        train(trained, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank == 0:  # generate from the model
+        sample(model, tokenizer, cfg, device, ctx)
+    return model
 
 
 if __name__ == '__main__':

@@ -23,5 +23,6 @@ def workdir(tmp_path):
 
 def run_script(cwd, *args, script='gpt.py', timeout=120):
     """ run gpt.py (or bigram.py) as a user would, in cwd; returns the finished process """
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models run best on one thread, and tests run side by side
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)

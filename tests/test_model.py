@@ -48,9 +48,10 @@ def test_causality_future_tokens_do_not_change_the_past(fused):
 def test_a_tiny_model_overfits_one_batch():
     model = tiny(n_layer=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    idx = torch.randint(65, (4, 16), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(65, (4, 17), generator=torch.Generator().manual_seed(1))
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     for _ in range(300):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -63,8 +64,9 @@ def test_fused_attention_equals_the_lectures_per_head_attention(qkv_bias):
     torch.manual_seed(0)
     mha = gpt.MultiHeadAttention(config)
     if qkv_bias:
-        for p in mha.parameters():
-            torch.nn.init.normal_(p)  # non-zero biases, so a misplaced one would show
+        for h in mha.heads:  # non-zero biases, so a misplaced one would show
+            for linear in (h.key, h.query, h.value):
+                torch.nn.init.normal_(linear.bias, std=0.1)
     x = torch.randn(3, 16, 32)
     w = torch.randn(3, 16, 32)  # a loss that weighs every output differently
     results = []
@@ -129,10 +131,11 @@ def test_sinusoidal_table_matches_the_formula_and_is_never_trained():
 def test_each_variant_trains(variant):
     model = tiny(n_layer=1, **variant)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    idx = torch.randint(65, (4, 16), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(65, (4, 17), generator=torch.Generator().manual_seed(2))
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     losses = []
     for _ in range(30):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
