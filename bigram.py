@@ -48,4 +48,7 @@ class BigramLanguageModel(nn.Module):
 
 
 if __name__ == '__main__':
-    gpt.main(model_class=BigramLanguageModel, defaults=defaults)
+    try:
+        gpt.main(model_class=BigramLanguageModel, defaults=defaults)
+    except KeyboardInterrupt:
+        raise SystemExit(130)

@@ -59,7 +59,7 @@ log_interval = 100  # print progress every this many steps
 learning_rate = 1e-3 if cuda else 6e-3  # peak learning rate, reached after the warmup; a small model takes a larger one
 min_lr = 1e-4 if cuda else 6e-4  # the learning rate decays to this, a tenth of the peak, at max_iters (cosine)
 warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
-weight_decay = 0.1  # AdamW weight decay, applied to weight matrices only
+weight_decay = 0.1 if cuda else 0.0  # AdamW weight decay on weight matrices only; a 3-minute run needs none
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99  # AdamW beta2; 0.99 rather than 0.999 since each step sees few tokens
 grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
@@ -102,7 +102,7 @@ class CharTokenizer:
         return ''.join(self.itos[i] for i in l)
 
 
-def read_text_chunks(path, chunk_chars=1 << 24):
+def read_text_chunks(path, chunk_chars=1 << 22):
     """ the file's text, a few million characters at a time, so memory stays small for huge files """
     with open(path, encoding='utf-8') as f:
         while chunk := f.read(chunk_chars):
@@ -287,7 +287,9 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = config.dropout
 
     def forward(self, x):
-        if self.fused:
+        # fused unless training on a CPU with attention dropout: PyTorch has no fused CPU kernel for that
+        # case, and its fallback is slower than the lecture's per-head code
+        if self.fused and not (self.training and self.attn_dropout > 0 and x.device.type == 'cpu'):
             out = self.all_heads_at_once(x)  # (B,T,C)
         else:
             out = torch.cat([h(x) for h in self.heads], dim=-1)  # the lecture's way, a head at a time: (B,T,C)
@@ -612,7 +614,7 @@ def get_config(argv, defaults=None):
     for arg in argv:
         if arg in ('-h', '--help'):
             width = max(len(f"--{k}={v!r}") for k, v in config.items())
-            print("usage: python gpt.py [--name=value ...]   (values are Python literals; strings need no quotes)")
+            print(f"usage: python {os.path.basename(sys.argv[0])} [--name=value ...]   (values are Python literals; strings need no quotes)")
             for k, v in config.items():
                 print(f"  {f'--{k}={v!r}':<{width}}  {comments[k]}")
             raise SystemExit(0)
@@ -777,4 +779,7 @@ def main(argv=None, model_class=None, defaults=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
+        raise SystemExit(130)

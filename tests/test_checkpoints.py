@@ -113,3 +113,19 @@ def test_the_default_text_is_downloaded_when_missing_and_checked(tmp_path, serve
 def test_offline_says_where_to_put_the_file(tmp_path):
     line = one_line_error(run_script(tmp_path, *TINY, '--data_url=http://127.0.0.1:9/input.txt'))
     assert 'input.txt' in line and '--input_file' in line
+
+
+def test_thousands_of_distinct_characters_train_save_resume_and_sample(workdir):
+    rng = __import__('random').Random(0)
+    text = ''.join(chr(0x4E00 + rng.randrange(3000)) + ('。\n' if i % 17 == 16 else '') for i in range(60000))
+    (workdir / 'zh.txt').write_text(text, encoding='utf-8')
+    first = run_script(workdir, *TINY, '--input_file=zh.txt')
+    assert first.returncode == 0, first.stderr
+    vocab = load(workdir / 'out' / 'ckpt.pt')['chars']
+    assert len(vocab) > 2900 and vocab == ''.join(sorted(set(text)))
+    resumed = run_script(workdir, *TINY, '--input_file=zh.txt', '--init_from=resume', '--max_iters=30',
+                         f'--prompt={text[:3]}')
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s for s, _, _ in STEP_LINE.findall(resumed.stdout)] == ['30']
+    sample = resumed.stdout.split(text[:3], 1)[1]
+    assert len(sample.strip()) >= 20 and set(sample.strip()) <= set(vocab)
