@@ -756,8 +756,7 @@ def main(argv=None, model_class=None, defaults=None):
         part = 'embeddings' if 'embedding' in name else 'blocks' if name.startswith('blocks') else 'head'
         counts[part] = counts.get(part, 0) + p.numel()
     print(f"device: {device}{' (bf16 autocast)' if use_bf16 else ''}, {torch.get_num_threads()} CPU threads")
-    print(f"parameters: {sum(counts.values()) / 1e6:.2f}M ("
-          + ', '.join(f"{part} {n / 1e6:.2f}M" for part, n in counts.items()) + ")")
+    print(f"parameters: {sum(counts.values()):,} (" + ', '.join(f"{part} {n:,}" for part, n in counts.items()) + ")")
     print(f"vocabulary: {len(chars)} characters; model: {config.n_layer} layers, {config.n_head} heads, "
           f"n_embd {config.n_embd}, block_size {config.block_size}")
 
