@@ -613,10 +613,10 @@ def get_config(argv, defaults=None):
     config.update(defaults or {})
     for arg in argv:
         if arg in ('-h', '--help'):
-            width = max(len(f"--{k}={v!r}") for k, v in config.items())
-            print(f"usage: python {os.path.basename(sys.argv[0])} [--name=value ...]   (values are Python literals; strings need no quotes)")
-            for k, v in config.items():
-                print(f"  {f'--{k}={v!r}':<{width}}  {comments[k]}")
+            lines = [f"usage: python {os.path.basename(sys.argv[0])} [--name=value ...]   "
+                     "(values are Python literals; strings need no quotes)"]
+            lines += [f"  {f'--{k}={v!r}':<28}  {comments[k]}" for k, v in config.items()]
+            print('\n'.join(lines))
             raise SystemExit(0)
         name, eq, text = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq:
