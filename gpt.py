@@ -86,7 +86,6 @@ class CharTokenizer:
     """ the lecture's tokenizer: every distinct character of the text is one token """
 
     def __init__(self, chars):
-        self.chars = chars  # sorted list of the characters that occur in the text
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.itos = {i: ch for i, ch in enumerate(chars)}
 
@@ -194,9 +193,9 @@ def load_splits(cfg, checkpoint=None):
 
 def get_batch(data, block_size, batch_size, device, generator=None):
     """ a batch of random chunks of the text: inputs x and targets y, the same characters shifted by one """
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])  # (B,T)
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])  # (B,T)
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])  # (B,T)
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])  # (B,T)
     if device.type == 'cuda':  # pinned memory lets the copy to the GPU overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -734,12 +733,10 @@ def main(argv=None, model_class=None, defaults=None):
             'block_size', 'n_embd', 'n_head', 'n_layer', 'dropout', 'pos_emb', 'activation', 'qkv_bias',
             'fused_attention')})
     model = model_class(config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
     if checkpoint:
         try:
             model.load_state_dict(checkpoint['model'])
-            optimizer.load_state_dict(checkpoint['optimizer'])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except RuntimeError as e:
             die(f"the checkpoint does not fit this model ({str(e).splitlines()[0][:120]}): use another --out_dir")
         torch.set_rng_state(checkpoint['rng_cpu'])
         if cuda and checkpoint['rng_cuda']:
@@ -760,7 +757,10 @@ def main(argv=None, model_class=None, defaults=None):
     print(f"vocabulary: {len(chars)} characters; model: {config.n_layer} layers, {config.n_head} heads, "
           f"n_embd {config.n_embd}, block_size {config.block_size}")
 
-    if training:
+    if training:  # the optimizer only when training: building one is slow to start, and sampling needs none
+        optimizer = configure_optimizer(model, cfg, device)
+        if checkpoint:
+            optimizer.load_state_dict(checkpoint['optimizer'])
         trained = torch.compile(model) if cfg.torch_compile else model
         if world > 1:
             trained = torch.nn.parallel.DistributedDataParallel(
