@@ -5,6 +5,8 @@ It differs from gpt.py only in the model: the data, training loop and sampling a
     python bigram.py                      # trains in well under a minute on a CPU, then samples
     python bigram.py --max_iters=500      # takes the same settings as gpt.py (see --help)
 """
+import sys
+
 import torch.nn as nn
 from torch.nn import functional as F
 
@@ -15,6 +17,7 @@ defaults = dict(
     batch_size=32,  # how many independent sequences will we process in parallel?
     block_size=8,  # what is the maximum context length for predictions?
     max_iters=3000,  # total optimizer steps
+    max_time=0,  # no time budget: the lecture's step count
     eval_interval=300,  # estimate train and val loss every this many steps
     eval_iters=200,  # batches of each split averaged in one estimate
     log_interval=500,  # print progress every this many steps
@@ -49,6 +52,6 @@ class BigramLanguageModel(nn.Module):
 
 if __name__ == '__main__':
     try:
-        gpt.main(model_class=BigramLanguageModel, defaults=defaults)
+        gpt.main(sys.argv[1:], model_class=BigramLanguageModel, defaults=defaults)
     except KeyboardInterrupt:
         raise SystemExit(130)

@@ -21,8 +21,9 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -52,7 +53,8 @@ qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GP
 fused_attention = True  # all heads at once in one fused kernel; False runs the lecture's per-head code
 # training
 batch_size = 64 if cuda else 24  # how many independent sequences will we process in parallel?
-max_iters = 5000 if cuda else 2000  # total optimizer steps; a resumed run continues up to this
+max_iters = 5000  # total optimizer steps, unless max_time picks them; a resumed run continues up to this
+max_time = 0 if cuda else 180  # seconds, start to sample: the run times its first steps and sets max_iters to fit (0 = off; so does --max_iters=N)
 eval_interval = 500  # estimate train and val loss every this many steps
 eval_iters = 200 if cuda else 40  # batches of each split averaged in one estimate (standard error < 0.01)
 log_interval = 100  # print progress every this many steps
@@ -71,6 +73,7 @@ max_new_tokens = 500  # characters generated per sample
 temperature = 1.0  # 1 samples the model's distribution, lower is more conservative, 0 is greedy
 top_k = 0  # sample only from the k most likely characters (0 = all)
 seed = 1337  # random seed of the run
+preview_chars = 80  # at each evaluation, print this many characters sampled from a fixed seed (0 = off)
 # I/O
 out_dir = 'out'  # where checkpoints (ckpt.pt latest, best.pt best val), log.csv and the data cache go
 init_from = 'scratch'  # 'scratch', 'resume' (continue from out_dir/ckpt.pt) or 'best' (from out_dir/best.pt)
@@ -86,6 +89,7 @@ class CharTokenizer:
     """ the lecture's tokenizer: every distinct character of the text is one token """
 
     def __init__(self, chars):
+        self.chars = ''.join(chars)
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.itos = {i: ch for i, ch in enumerate(chars)}
 
@@ -103,7 +107,7 @@ class CharTokenizer:
 
 def read_text_chunks(path, chunk_chars=1 << 22):
     """ the file's text, a few million characters at a time, so memory stays small for huge files """
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not a character of the text
         while chunk := f.read(chunk_chars):
             yield chunk
 
@@ -118,10 +122,9 @@ def prepare_data(path, cache_dir):
     encoded with numpy into a file in cache_dir once, then memory-mapped: a text larger than memory
     still trains, and later runs start at once. The cache is rebuilt when the text file changes.
     """
-    try:
-        st = os.stat(path)
-    except OSError:
+    if not os.path.isfile(path):
         die(f"cannot read the input file '{path}': put a UTF-8 text file there or set --input_file")
+    st = os.stat(path)
     key = dict(file=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
     meta_path, bin_path = os.path.join(cache_dir, 'data.json'), os.path.join(cache_dir, 'data.bin')
     try:
@@ -131,6 +134,7 @@ def prepare_data(path, cache_dir):
             return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
     except (OSError, ValueError, KeyError):
         pass  # no cache yet, or a stale or damaged one: build it
+    tmp = f'{bin_path}.{os.getpid()}.tmp'  # this process's own: two runs may prepare the same folder at once
     try:
         # first pass: which characters occur, counted by code point
         counts = np.zeros(0x110000, dtype=np.int64)
@@ -143,17 +147,21 @@ def prepare_data(path, cache_dir):
         lookup = np.zeros(0x110000, dtype=dtype)
         lookup[vocab] = np.arange(len(vocab))
         # second pass: each character's code point -> its token id, written straight to disk
-        with open(bin_path + '.tmp', 'wb') as f:
+        with open(tmp, 'wb') as f:
             for chunk in read_text_chunks(path):
                 f.write(lookup[code_points(chunk)].tobytes())
-        os.replace(bin_path + '.tmp', bin_path)
+        os.replace(tmp, bin_path)
         chars = [chr(c) for c in vocab]
-        with open(meta_path, 'w', encoding='utf-8') as f:
+        with open(tmp, 'w', encoding='utf-8') as f:
             json.dump(dict(key=key, chars=''.join(chars), dtype=np.dtype(dtype).name), f)
+        os.replace(tmp, meta_path)
     except UnicodeDecodeError as e:
         die(f"the input file '{path}' is not UTF-8 text (bad byte at position {e.start} of a chunk): save it as UTF-8")
     except OSError as e:
         die(f"cannot encode '{path}' into {cache_dir} ({e.strerror}): free some disk space or set --out_dir")
+    finally:  # an interrupted or failed preparation leaves no half-written file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return chars, np.memmap(bin_path, dtype=dtype, mode='r')
 
 
@@ -181,7 +189,7 @@ def load_splits(cfg, checkpoint=None):
     if checkpoint and ''.join(chars) != checkpoint['chars']:
         differing = ''.join(sorted(set(chars) ^ set(checkpoint['chars'])))
         die(f"{cfg.input_file} and the checkpoint have different vocabularies (differing: {differing[:40]!r}): "
-            f"train from scratch with another --out_dir")
+            f"resume on the text it learned ({checkpoint['config']['input_file']}), or train anew with another --out_dir")
     n = int(0.9 * len(data))  # first 90% will be train, rest val
     splits = dict(train=data[:n], val=data[n:])
     for split, d in splits.items():
@@ -226,6 +234,27 @@ def estimate_loss(model, splits, cfg, device, ctx):
         out[split] = losses.mean().item()
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def whole_split_loss(model, data, cfg, device, ctx):
+    """ the exact mean loss over every character of a split, read in non-overlapping block_size windows """
+    rank, world = rank_and_world()
+    T = cfg.block_size
+    n = (len(data) - 1) // T  # windows
+    totals = torch.zeros(2, device=device)  # summed loss, windows
+    model.eval()
+    for i in range(rank * 4 * cfg.batch_size, n, world * 4 * cfg.batch_size):  # forward only: 4x the batch fits
+        ix = range(i, min(n, i + 4 * cfg.batch_size))
+        x = torch.from_numpy(data[i * T:ix[-1] * T + T].astype(np.int64)).view(len(ix), T).to(device)  # (B,T)
+        y = torch.from_numpy(data[i * T + 1:ix[-1] * T + T + 1].astype(np.int64)).view(len(ix), T).to(device)  # (B,T)
+        with ctx:
+            logits, loss = model(x, y)
+        totals += torch.tensor([loss.item() * len(ix), len(ix)], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +434,7 @@ class GPTLanguageModel(nn.Module):
         return logits, loss
 
     @torch.no_grad()  # the lecture samples with autograd on and, after training, with dropout on
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
         # idx is (B, T) array of indices in the current context
         was_training = self.training
         self.eval()
@@ -424,7 +453,7 @@ class GPTLanguageModel(nn.Module):
                         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
                         logits[logits < v[:, [-1]]] = float('-inf')
                     probs = F.softmax(logits, dim=-1)  # (B, C)
-                    idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+                    idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
                 # append sampled index to the running sequence
                 idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
         finally:
@@ -452,19 +481,37 @@ def configure_optimizer(model, cfg, device):
 
 
 def get_lr(step, cfg):
-    """ linear warmup to learning_rate, then cosine decay to min_lr at max_iters """
+    """ linear warmup to learning_rate, then cosine decay to min_lr at the run's planned end, lr_decay_iters;
+    a run extended past that end goes on at min_lr """
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.learning_rate - cfg.min_lr)
 
 
-def save_checkpoint(path, model, optimizer, step, best_val_loss, cfg, chars):
+def plan_steps(cfg, device, step, step_s, elapsed, eval_s, val_tokens):
+    """ the time budget: the most steps (a multiple of 50) whose training, evaluations and sample end in max_time """
+    token_s = eval_s / (2 * cfg.eval_iters * cfg.batch_size * cfg.block_size)  # a forward pass, per token
+    final_s = eval_s + token_s * (val_tokens + cfg.num_samples * cfg.max_new_tokens * cfg.block_size)
+    left = 0.97 * cfg.max_time - elapsed - final_s  # 3% for starting up and for noise
+    n = max(step, int(step + left / (step_s + eval_s / cfg.eval_interval)) // 50 * 50)
+    rank, world = rank_and_world()
+    if world > 1:  # every process runs the first one's plan
+        n = torch.tensor([n], device=device)
+        torch.distributed.broadcast(n, 0)
+        n = n.item()
+    end = elapsed + (n - step) * step_s + (n // cfg.eval_interval - step // cfg.eval_interval) * eval_s + final_s
+    print(f"time budget {cfg.max_time} s: {n} steps at {step_s * 1000:.0f} ms/step, done at about {format_time(end)}",
+          flush=True)
+    return n
+
+
+def save_checkpoint(path, model, optimizer, cfg, chars, run):
     """ everything needed to resume exactly or to sample later; written to a temporary file, then renamed """
     checkpoint = dict(
         model=model.state_dict(), optimizer=optimizer.state_dict(), model_class=type(model).__name__,
-        model_args=asdict(model.config), config=vars(cfg), step=step, best_val_loss=best_val_loss,
-        chars=''.join(chars), rng_cpu=torch.get_rng_state(),
+        model_args=asdict(model.config), config=vars(cfg), step=run.step, best_val_loss=run.best_val_loss,
+        elapsed=run.elapsed, chars=''.join(chars), rng_cpu=torch.get_rng_state(),
         rng_cuda=torch.cuda.get_rng_state_all() if cuda else [],
     )
     try:
@@ -482,7 +529,7 @@ def load_checkpoint(path, model_class):
         die(f"no checkpoint at {path}: train one first (python gpt.py), or set --out_dir")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        checkpoint['model_class'], checkpoint['model'], checkpoint['chars'], checkpoint['step']
+        checkpoint['model_class'], checkpoint['model'], checkpoint['chars'], checkpoint['step'], checkpoint['config']
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all: whatever torch raises
         die(f"{path} is damaged or not a checkpoint of gpt.py ({type(e).__name__}): delete it, or use --init_from=scratch")
     if checkpoint['model_class'] != model_class.__name__:
@@ -490,43 +537,90 @@ def load_checkpoint(path, model_class):
     return checkpoint
 
 
-def train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss):
-    """ the lecture's training loop, with a learning-rate schedule, checkpoints, a log and Ctrl-C """
+def keep_previous_run(out_dir):
+    """ a new run never overwrites a trained model: the last run's files move to out_dir/previous/<date> """
+    files = [name for name in ('ckpt.pt', 'best.pt', 'log.csv') if os.path.exists(os.path.join(out_dir, name))]
+    if not {'ckpt.pt', 'best.pt'} & set(files):
+        return
+    when = time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(os.path.join(out_dir, files[0]))))
+    dest, k = os.path.join(out_dir, 'previous', when), 1
+    while os.path.exists(dest):
+        dest, k = os.path.join(out_dir, 'previous', f'{when}-{k}'), k + 1
+    os.makedirs(dest)
+    for name in files:
+        os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+    print(f"the previous run's model is kept in {dest} (sample it with --out_dir={dest} --init_from=resume)")
+
+
+@contextmanager
+def stop_on_signals():
+    """
+    Ctrl-C (SIGINT) or SIGTERM (kill, schedulers, torchrun) asks training to stop after the current step, save
+    and sample; a second one quits at once. Python takes signals in the main thread only; the handlers are
+    restored afterwards, so a notebook's Ctrl-C works as before.
+    """
+    stop = []
+    def on_signal(signum, frame):
+        name = 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving (again to quit at once)", flush=True)
+        stop.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budget):
+    """ the lecture's training loop, with a learning-rate schedule, a time budget, checkpoints, a log and a preview """
     rank, world = rank_and_world()
     single = model.module if world > 1 else model  # DistributedDataParallel wraps the model,
     raw_model = getattr(single, '_orig_mod', single)  # and torch.compile wraps it too
-    ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'best.pt')
-    log_path = os.path.join(cfg.out_dir, 'log.csv')
-    if rank == 0 and (step == 0 or not os.path.exists(log_path)):
+    ckpt_path, best_path, log_path = (os.path.join(cfg.out_dir, name) for name in ('ckpt.pt', 'best.pt', 'log.csv'))
+    if rank == 0 and (run.step == 0 or not os.path.exists(log_path)):
         with open(log_path, 'w', newline='') as f:
-            csv.writer(f).writerow(['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s'])
+            csv.writer(f).writerow(['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss'])
     accum = cfg.gradient_accumulation_steps
     tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
-    stop = []  # Ctrl-C asks the loop to stop at the end of the current step, save, and sample
-    def on_ctrl_c(signum, frame):
-        print("\nCtrl-C: stopping after this step and saving (press again to quit at once)", flush=True)
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    start_step, t_start, eval_time, evals_done = step, time.time(), 0.0, 0
-    t_log, step_log = time.time(), step
+    start_step, t_start, saved_step, eval_s = run.step, time.time() - run.elapsed, run.step, 0.0
+    t_log, step_log = time.time(), run.step
     while True:
-        # every once in a while evaluate the loss on train and val sets, and save
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not stop and (step > start_step or step == 0):
+        step = run.step
+        # the time budget: time 20 steps, then fix max_iters and the schedule's end so the run ends within max_time
+        if budget and step == start_step + 5:
+            t_budget = time.time()
+        if budget and step == start_step + 25:
+            cfg.max_iters = cfg.lr_decay_iters = plan_steps(
+                cfg, device, step, (time.time() - t_budget) / 20, time.time() - t_start, eval_s, len(splits['val']))
+            cfg.planned = True
+
+        # every once in a while evaluate the loss on train and val sets, and save; always at the last step
+        last = step == cfg.max_iters
+        if (step % cfg.eval_interval == 0 and not stop or last) and (step > start_step or step == 0):
             t0 = time.time()
             losses = estimate_loss(single, splits, cfg, device, ctx)
-            eval_time, evals_done = eval_time + time.time() - t0, evals_done + 1
-            t_log += time.time() - t0  # ms/step counts training steps only
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+            if cfg.preview_chars:
+                print('  ' + preview(raw_model, tokenizer, cfg, device, ctx), flush=True)
+            whole = whole_split_loss(single, splits['val'], cfg, device, ctx) if last else None
+            if last:  # exact where the estimate above has a standard error of ~0.01
+                print(f"step {step}: val loss over the whole split {whole:.4f}", flush=True)
+            eval_s, t_log = time.time() - t0, t_log + time.time() - t0  # ms/step counts training steps only
+            run.elapsed = time.time() - t_start
             if rank == 0:
                 with open(log_path, 'a', newline='') as f:
-                    csv.writer(f).writerow([step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
-                                            f"{get_lr(step, cfg):.3e}", f"{time.time() - t_start:.1f}"])
-                if losses['val'] < best_val_loss and step > 0:
-                    best_val_loss = losses['val']
-                    save_checkpoint(best_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
+                    csv.writer(f).writerow([step, f"{losses['train']:.4f}", f"{losses['val']:.4f}", f"{get_lr(step, cfg):.3e}",
+                                            f"{run.elapsed:.1f}", '' if whole is None else f"{whole:.4f}"])
+                if losses['val'] < run.best_val_loss and step > 0:
+                    run.best_val_loss = losses['val']
+                    save_checkpoint(best_path, raw_model, optimizer, cfg, tokenizer.chars, run)
                 if step > start_step:
-                    save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
+                    save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tokenizer.chars, run)
+                    saved_step = step
         if step >= cfg.max_iters or stop:
             break
 
@@ -547,33 +641,43 @@ def train(model, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        step += 1
+        run.step = step = step + 1
 
         lossf = loss.item()
-        if world > 1:  # the mean loss of all processes, and a Ctrl-C in any of them stops them all at this step
-            shared = torch.tensor([lossf / world, float(len(stop))], device=device)
+        if world > 1:  # the mean loss of all processes, and a signal to any of them stops them all at this step
+            shared = torch.tensor([lossf / world, max(stop, default=0)], device=device)
             torch.distributed.all_reduce(shared)
-            lossf, stop = shared[0].item(), stop or ([signal.SIGINT] if shared[1].item() else [])
+            lossf, stop[:] = shared[0].item(), stop or ([int(shared[1].item())] if shared[1].item() else [])
         if not math.isfinite(lossf):
-            die(f"the loss became {lossf} at step {step}; the checkpoints in {cfg.out_dir} are from before it: "
-                f"lower --learning_rate (now {cfg.learning_rate}) or set --grad_clip=1.0")
+            kept = f"{ckpt_path} is from before it" if os.path.exists(ckpt_path) else "nothing was saved"
+            die(f"the loss became {lossf} at step {step}; {kept}: lower --learning_rate (now {cfg.learning_rate})"
+                + ("" if cfg.grad_clip else " or set --grad_clip=1.0"))
         if step % cfg.log_interval == 0:
             now = time.time()
             dt = (now - t_log) / (step - step_log)
-            evals_left = cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval + (cfg.max_iters % cfg.eval_interval > 0)
-            left = dt * (cfg.max_iters - step) + evals_left * eval_time / max(1, evals_done)
+            evals_left = cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval
+            left = dt * (cfg.max_iters - step) + (evals_left + 1) * eval_s
             print(f"  step {step}/{cfg.max_iters} | loss {lossf:.4f} | {dt * 1000:.0f} ms/step | "
                   f"{tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - t_start)} | "
                   f"left {format_time(left)}", flush=True)
             t_log, step_log = time.time(), step
-    signal.signal(signal.SIGINT, previous_handler)
-    if rank == 0 and (stop or step == start_step):  # else the evaluation at max_iters just saved it
-        save_checkpoint(ckpt_path, raw_model, optimizer, step, best_val_loss, cfg, chars)
-    print(f"saved {ckpt_path} at step {step} ({format_time(time.time() - t_start)})", flush=True)
+    run.elapsed = time.time() - t_start
+    if rank == 0 and saved_step != run.step:
+        save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tokenizer.chars, run)
+    print(f"saved {ckpt_path} at step {run.step} ({format_time(run.elapsed)})", flush=True)
 
 
 def format_time(seconds):
     return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+def preview(model, tokenizer, cfg, device, ctx):
+    """ a line sampled from a fixed seed, to watch the model learn; the training's random stream is not touched """
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1,1): token 0, as the lecture starts
+    with ctx:
+        idx = model.generate(idx, cfg.preview_chars, cfg.temperature, cfg.top_k, generator)  # (1,1+preview_chars)
+    return tokenizer.decode(idx[0, 1:].tolist()).replace('\n', ' / ')
 
 
 def sample(model, tokenizer, cfg, device, ctx):
@@ -606,23 +710,24 @@ def read_constants(path=__file__):
 
 
 def get_config(argv, defaults=None):
-    """ the constants, with the caller's defaults and then --name=value arguments on top """
+    """ the constants, with the caller's defaults and then --name=value arguments on top; also the arguments alone """
     comments = read_constants()
     config = {name: globals()[name] for name in comments}
     config.update(defaults or {})
+    overrides = {}
     for arg in argv:
         if arg in ('-h', '--help'):
             lines = [f"usage: python {os.path.basename(sys.argv[0])} [--name=value ...]   "
-                     "(values are Python literals; strings need no quotes)"]
-            lines += [f"  {f'--{k}={v!r}':<28}  {comments[k]}" for k, v in config.items()]
+                     "(numbers and True/False as Python writes them; text as it is, without quotes)"]
+            lines += [f"  {f'--{k}={v!r}':<28}  {comments.get(k, '')}" for k, v in config.items()]
             print('\n'.join(lines))
             raise SystemExit(0)
         name, eq, text = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq:
             die(f"cannot read '{arg}': write settings as --name=value, e.g. --max_iters=200 (see --help)")
         if name not in config:
-            close = difflib.get_close_matches(name, config, n=3) or ['see --help']
-            die(f"unknown setting '{name}'; did you mean: {', '.join(close)}?")
+            close = difflib.get_close_matches(name, config, n=3)
+            die(f"unknown setting '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ": see --help"))
         default = config[name]
         if isinstance(default, str):
             value = text  # strings are taken as written, never evaluated
@@ -634,25 +739,34 @@ def get_config(argv, defaults=None):
             if isinstance(default, float) and type(value) is int:
                 value = float(value)
             if type(value) is not type(default):
-                die(f"--{name} takes a {type(default).__name__} (like --{name}={default!r}), not '{text}'")
-        config[name] = value
-    return SimpleNamespace(**config)
+                kind = type(default).__name__
+                die(f"--{name} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind} (like --{name}={default!r}), not '{text}'")
+        config[name] = overrides[name] = value
+    return SimpleNamespace(**config), overrides
 
 
 def check_config(cfg):
     """ refuse settings that cannot work before any data is read or any time is spent """
+    for name, value in vars(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            die(f"{name} must be a finite number, not {value}")
     for name in ('block_size', 'n_embd', 'n_head', 'n_layer', 'batch_size', 'gradient_accumulation_steps',
                  'eval_interval', 'eval_iters', 'log_interval', 'num_samples'):
         if getattr(cfg, name) <= 0:
             die(f"{name} must be positive, not {getattr(cfg, name)}")
-    for name in ('max_iters', 'max_new_tokens', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay',
-                 'grad_clip', 'temperature', 'top_k'):
+    for name in ('max_iters', 'max_time', 'max_new_tokens', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay',
+                 'grad_clip', 'temperature', 'top_k', 'preview_chars'):
         if getattr(cfg, name) < 0:
             die(f"{name} must not be negative, not {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}), e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
-    if not 0 <= cfg.dropout < 1:
-        die(f"dropout must be in [0, 1), not {cfg.dropout}")
+    for name in ('dropout', 'beta1', 'beta2'):
+        if not 0 <= getattr(cfg, name) < 1:
+            die(f"{name} must be at least 0 and below 1, not {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2 ** 63:
+        die(f"seed must be at least 0 and below 2**63, not {cfg.seed}")
+    if 0 < cfg.temperature < 1e-3:
+        die(f"temperature {cfg.temperature} is too small to sample with: use --temperature=0 for greedy decoding")
     choices = dict(pos_emb=('learned', 'sinusoidal'), activation=('relu', 'gelu'),
                    init_from=('scratch', 'resume', 'best'))
     for name, allowed in choices.items():
@@ -660,6 +774,23 @@ def check_config(cfg):
             die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
     if cfg.pos_emb == 'sinusoidal' and cfg.n_embd % 2:
         die(f"the sinusoidal position embedding needs an even n_embd, not {cfg.n_embd}")
+
+
+def resume_config(cfg, overrides, checkpoint, path):
+    """ a resumed run is the same run: the checkpoint's settings, then the command line's, in one line """
+    saved, shape = checkpoint['config'], checkpoint['model_args']
+    fixed = [k for k, v in overrides.items() if k in shape and v != shape[k] and k not in ('dropout', 'fused_attention')]
+    if fixed:
+        die(f"a trained model keeps its shape ({', '.join(f'{k}={shape[k]!r}' for k in fixed)}): drop "
+            f"{' '.join(f'--{k}' for k in fixed)}, or train a new model with another --out_dir")
+    if 'max_time' in overrides:
+        die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
+            f"set --max_iters=N to train it longer")
+    per_call = ('init_from', 'out_dir', 'device')  # where the checkpoint is and what runs it belong to this call
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in overrides.items() if k in saved and k not in per_call and saved[k] != v]
+    print(f"resuming {path} at step {checkpoint['step']} with its settings" + (f"; changed: {', '.join(changed)}" if changed else ''))
+    return SimpleNamespace(**{**vars(cfg), 'lr_decay_iters': saved['max_iters'],
+                              **{k: v for k, v in saved.items() if k not in per_call}, **overrides})
 
 
 def pick_device(name):
@@ -677,15 +808,29 @@ def pick_device(name):
     return dev
 
 
-def main(argv=None, model_class=None, defaults=None):
-    """ python gpt.py: train (or resume), then sample; bigram.py calls this with its own model """
-    cfg = get_config(sys.argv[1:] if argv is None else argv, defaults)
+def main(argv=(), model_class=None, defaults=None):
+    """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py call this with their own model """
+    cfg, overrides = get_config(argv, defaults)
     model_class = model_class or GPTLanguageModel
     check_config(cfg)
+    checkpoint = None
+    if cfg.init_from != 'scratch':
+        path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
+        checkpoint = load_checkpoint(path, model_class)
+        cfg = resume_config(cfg, overrides, checkpoint, path)
+    if 'max_iters' in overrides:  # a step count given on the command line turns the time budget off
+        cfg.max_time = 0
+    if not checkpoint:
+        cfg.lr_decay_iters, cfg.planned = cfg.max_iters, False  # the budget's plan sets both
+    budget = cfg.max_time > 0 and not cfg.planned
     device = pick_device(cfg.device)
     # torchrun starts one process per device and gives each a RANK; plain python gpt.py runs alone
     if 'RANK' in os.environ:
-        torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        try:
+            torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        except (ValueError, RuntimeError) as e:
+            die(f"RANK is set but torchrun did not start this process ({str(e).splitlines()[0][:80]}): "
+                f"unset RANK, or start it with torchrun")
         if device.type == 'cuda':
             device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(device)
@@ -701,15 +846,13 @@ def main(argv=None, model_class=None, defaults=None):
     except OSError as e:
         die(f"cannot write to out_dir '{cfg.out_dir}' ({e.strerror}): set --out_dir to a writable folder")
 
-    checkpoint = None
-    if cfg.init_from != 'scratch':
-        name = 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt'
-        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, name), model_class)
     step = checkpoint['step'] if checkpoint else 0
-    training = step < cfg.max_iters
+    training = budget or step < cfg.max_iters
+    if checkpoint and 0 < cfg.max_iters < step:
+        print(f"the checkpoint is at step {step}, past --max_iters={cfg.max_iters}: sampling only")
 
-    # data: only read when there is training to do, so sampling from a checkpoint needs no text file
-    if training:
+    # data: read when there is training to do, or no checkpoint to take the vocabulary from
+    if training or not checkpoint:
         if rank > 0:
             torch.distributed.barrier()  # the first process encodes the text, then the others read it
         chars, splits = load_splits(cfg, checkpoint)
@@ -724,20 +867,16 @@ def main(argv=None, model_class=None, defaults=None):
         die(f"the prompt has {e}: change --prompt")
 
     # the model: its shape comes from the checkpoint when there is one
-    if checkpoint:
-        config = GPTConfig(**{**checkpoint['model_args'], 'dropout': cfg.dropout,
-                              'fused_attention': cfg.fused_attention})
-        cfg.block_size = config.block_size
-    else:
-        config = GPTConfig(vocab_size=len(chars), **{k: getattr(cfg, k) for k in (
-            'block_size', 'n_embd', 'n_head', 'n_layer', 'dropout', 'pos_emb', 'activation', 'qkv_bias',
-            'fused_attention')})
+    shape = checkpoint['model_args'] if checkpoint else dict(vocab_size=len(chars), **{k: getattr(cfg, k) for k in (
+        'block_size', 'n_embd', 'n_head', 'n_layer', 'pos_emb', 'activation', 'qkv_bias')})
+    config = GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})
     model = model_class(config).to(device)
     if checkpoint:
         try:
             model.load_state_dict(checkpoint['model'])
         except RuntimeError as e:
             die(f"the checkpoint does not fit this model ({str(e).splitlines()[0][:120]}): use another --out_dir")
+    if checkpoint and training:  # a resumed run continues its random stream; a sample alone follows --seed
         torch.set_rng_state(checkpoint['rng_cpu'])
         if cuda and checkpoint['rng_cuda']:
             torch.cuda.set_rng_state_all(checkpoint['rng_cuda'])
@@ -754,8 +893,9 @@ def main(argv=None, model_class=None, defaults=None):
         counts[part] = counts.get(part, 0) + p.numel()
     print(f"device: {device}{' (bf16 autocast)' if use_bf16 else ''}, {torch.get_num_threads()} CPU threads")
     print(f"parameters: {sum(counts.values()):,} (" + ', '.join(f"{part} {n:,}" for part, n in counts.items()) + ")")
-    print(f"vocabulary: {len(chars)} characters; model: {config.n_layer} layers, {config.n_head} heads, "
-          f"n_embd {config.n_embd}, block_size {config.block_size}")
+    print(f"vocabulary: {len(chars)} characters; model: {type(model).__name__}" + (
+        f", {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}" if hasattr(model, 'blocks') else '')
+        + f", block_size {config.block_size}")
 
     if training:  # the optimizer only when training: building one is slow to start, and sampling needs none
         optimizer = configure_optimizer(model, cfg, device)
@@ -765,11 +905,18 @@ def main(argv=None, model_class=None, defaults=None):
         if world > 1:
             trained = torch.nn.parallel.DistributedDataParallel(
                 trained, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        if rank == 0 and not checkpoint:
+            keep_previous_run(cfg.out_dir)
         tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
-        print(f"training: {cfg.max_iters - step} steps to step {cfg.max_iters}, {tokens:,} tokens per step"
+        print(f"training: {f'as many steps as fit in {cfg.max_time} s' if budget else f'{cfg.max_iters - step} steps'}"
+              f" to step {'?' if budget else cfg.max_iters}, {tokens:,} tokens per step"
               + (f" ({world} processes)" if world > 1 else ""), flush=True)
-        best_val_loss = checkpoint['best_val_loss'] if checkpoint else float('inf')
-        train(trained, optimizer, splits, cfg, device, ctx, chars, step, best_val_loss)
+        run = SimpleNamespace(step=step, best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),
+                              elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0)
+        with stop_on_signals() as stop:
+            train(trained, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budget)
+        if stop and stop[0] == signal.SIGTERM:  # asked to end: saved, so go without sampling
+            raise SystemExit(128 + signal.SIGTERM)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:  # generate from the model
@@ -779,6 +926,6 @@ def main(argv=None, model_class=None, defaults=None):
 
 if __name__ == '__main__':
     try:
-        main()
+        main(sys.argv[1:])
     except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
         raise SystemExit(130)

@@ -125,7 +125,7 @@ def main():
     config = gpt.GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_embd=a.n_embd, n_head=a.n_head,
                            n_layer=a.n_layer, dropout=a.dropout)
     ours = gpt.GPTLanguageModel(config).to(device)
-    cfg = gpt.get_config([f'--weight_decay=0.1'])
+    cfg, _ = gpt.get_config(['--weight_decay=0.1'])
     ours_opt = gpt.configure_optimizer(ours, cfg, device)
     lecture = LectureGPT(a.vocab_size, a.n_embd, a.n_head, a.n_layer, a.block_size, a.dropout).to(device)
     lecture_opt = torch.optim.AdamW(lecture.parameters(), lr=3e-4)

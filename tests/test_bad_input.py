@@ -87,7 +87,7 @@ def test_a_prompt_the_checkpoint_never_saw(trained):
 def test_a_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(trained):
     before = snapshot(trained)
     line = one_line_error(run_script(trained, *TINY, '--init_from=resume', '--max_iters=40',
-                                     '--learning_rate=1e30', '--grad_clip=0.0', '--warmup_iters=0'))
+                                     '--learning_rate=1e30', '--min_lr=1e30', '--grad_clip=0.0', '--warmup_iters=0'))
     assert 'at step 22;' in line and 'learning_rate' in line
     assert snapshot(trained) == before
 
@@ -102,8 +102,9 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, monke
     monkeypatch.setattr(torch, 'save', failing_save)
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=8, n_head=2, n_layer=1))
     optimizer = torch.optim.AdamW(model.parameters())
-    cfg = gpt.get_config([])
+    cfg, _ = gpt.get_config([])
+    run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0)
     with pytest.raises(SystemExit, match='previous checkpoint is intact'):
-        gpt.save_checkpoint(path, model, optimizer, 1, 2.0, cfg, ['a', 'b', 'c'])
+        gpt.save_checkpoint(path, model, optimizer, cfg, ['a', 'b', 'c'], run)
     assert open(path, 'rb').read() == before
     assert torch.load(path, weights_only=True)['step'] == 20
