@@ -2,12 +2,14 @@
 Training and sampling speed of gpt.py's model against the lecture's own model of the same size.
 
     python tests/benchmark.py                                    # the lecture's sizes (slow on a CPU)
-    python tests/benchmark.py --n_layer=4 --n_embd=128 --n_head=4 --block_size=128 --batch_size=16
+    python tests/benchmark.py --n_layer=2 --n_embd=128 --n_head=4 --block_size=128 --batch_size=24 \
+        --dropout=0 --activation=gelu                            # the CPU run's sizes
 
 Both models are built here with the same sizes and timed in one process, alternating A B A B, so
 a machine that drifts in speed affects both alike. Training: forward, backward and AdamW step on
 random batches (each model trained as its own file trains it). Sampling: characters per second
-from one sequence. Run by hand; pytest does not collect it (its name does not start with test_).
+from one sequence. Last, the model FLOP/s of a training step as a share of what a large fp32
+matmul reaches on this machine in the same run. Run by hand; pytest does not collect it (its name does not start with test_).
 """
 import argparse
 import os
@@ -112,18 +114,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def matmul_flops(device, n=2048, reps=10):
+    """ the FLOP/s of a large fp32 matmul, the most a model's matmuls can hope for on this device """
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     for name, default in dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, vocab_size=65,
                               rounds=3, steps=2, sample_chars=200).items():
         p.add_argument(f'--{name}', type=int, default=default)
     p.add_argument('--dropout', type=float, default=0.2)
+    p.add_argument('--activation', default='relu')
     p.add_argument('--device', default='auto')
     a = p.parse_args()
     device = gpt.pick_device(a.device)
     torch.manual_seed(0)
     config = gpt.GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_embd=a.n_embd, n_head=a.n_head,
-                           n_layer=a.n_layer, dropout=a.dropout)
+                           n_layer=a.n_layer, dropout=a.dropout, activation=a.activation)
     ours = gpt.GPTLanguageModel(config).to(device)
     cfg, _ = gpt.get_config(['--weight_decay=0.1'])
     ours_opt = gpt.configure_optimizer(ours, cfg, device)
@@ -175,6 +190,15 @@ def main():
     ratios = sorted(o / l for o, l in zip(tok_s['ours'], tok_s['lecture']))
     print(f"training: ours {med(tok_s['ours']):,.0f} tok/s, lecture {med(tok_s['lecture']):,.0f} tok/s, "
           f"ratio {med(ratios):.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)")
+    # model FLOPs of a training step (forward + backward: 6 per weight per token, plus attention's
+    # q @ k and wei @ v) against what this machine's matmul does in the same run: how close to the limit
+    weights = sum(p.numel() for n, p in ours.named_parameters() if 'embedding' not in n)
+    flops_per_token = 6 * weights + 12 * a.n_layer * a.n_embd * a.block_size
+    peak = matmul_flops(device)
+    for name in trainers:
+        achieved = med(tok_s[name]) * flops_per_token
+        print(f"{name}: {achieved / 1e9:.1f} GFLOP/s of model FLOPs, {100 * achieved / peak:.0f}% of this machine's "
+              f"fp32 matmul ({peak / 1e9:.0f} GFLOP/s, 2048x2048)")
     sratios = sorted(o / l for o, l in zip(chr_s['ours'], chr_s['lecture']))
     print(f"sampling: ours {med(chr_s['ours']):,.0f} chars/s, lecture {med(chr_s['lecture']):,.0f} chars/s, "
           f"ratio {med(sratios):.2f}x")
