@@ -47,7 +47,6 @@ n_embd = 384 if cuda else 128  # width of the embedding of each token
 n_head = 6 if cuda else 4  # attention heads per block; n_embd must be divisible by n_head
 n_layer = 6 if cuda else 2  # transformer blocks; in 3 minutes of CPU, more steps of 2 beat fewer of 4
 dropout = 0.2 if cuda else 0.0  # 0 on CPU: 3 minutes cannot overfit, and attention keeps its fused kernel
-pos_emb = 'learned'  # position embedding: 'learned' (the lecture's table) or 'sinusoidal' (fixed sin/cos)
 activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, a little better here)
 qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GPT-2: yes)
 fused_attention = True  # all heads at once in one fused kernel; False runs the lecture's per-head code
@@ -238,23 +237,21 @@ def estimate_loss(model, splits, cfg, device, ctx):
 
 @torch.no_grad()
 def whole_split_loss(model, data, cfg, device, ctx):
-    """ the exact mean loss over every character of a split, read in non-overlapping block_size windows """
+    """ the exact mean loss over every character of a split, in non-overlapping block_size windows """
     rank, world = rank_and_world()
-    T = cfg.block_size
+    T, B = cfg.block_size, 4 * cfg.batch_size  # forward only: 4 times the batch fits
     n = (len(data) - 1) // T  # windows
-    totals = torch.zeros(2, device=device)  # summed loss, windows
+    total = torch.zeros(1, device=device)
     model.eval()
-    for i in range(rank * 4 * cfg.batch_size, n, world * 4 * cfg.batch_size):  # forward only: 4x the batch fits
-        ix = range(i, min(n, i + 4 * cfg.batch_size))
-        x = torch.from_numpy(data[i * T:ix[-1] * T + T].astype(np.int64)).view(len(ix), T).to(device)  # (B,T)
-        y = torch.from_numpy(data[i * T + 1:ix[-1] * T + T + 1].astype(np.int64)).view(len(ix), T).to(device)  # (B,T)
+    for i in range(rank * B, n, world * B):  # under torchrun each process takes its share
+        w = torch.from_numpy(data[i * T:min(n, i + B) * T + 1].astype(np.int64))
         with ctx:
-            logits, loss = model(x, y)
-        totals += torch.tensor([loss.item() * len(ix), len(ix)], device=device)
+            logits, loss = model(w[:-1].view(-1, T).to(device), w[1:].view(-1, T).to(device))  # (B,T) inputs, targets
+        total += loss.item() * (len(w) // T)
     if world > 1:
-        torch.distributed.all_reduce(totals)
+        torch.distributed.all_reduce(total)
     model.train()
-    return (totals[0] / totals[1]).item()
+    return total.item() / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +266,6 @@ class GPTConfig:
     n_head: int = 6
     n_layer: int = 6
     dropout: float = 0.2
-    pos_emb: str = 'learned'
     activation: str = 'relu'
     qkv_bias: bool = False
     fused_attention: bool = True
@@ -376,16 +372,6 @@ class Block(nn.Module):
         return x
 
 
-def sinusoidal_table(block_size, n_embd):
-    """ the fixed position embedding of "Attention Is All You Need": sin on even channels, cos on odd """
-    pos = torch.arange(block_size, dtype=torch.float32)[:, None]  # (T,1)
-    freq = 10000 ** (-torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (C/2,)
-    table = torch.zeros(block_size, n_embd)
-    table[:, 0::2] = torch.sin(pos * freq)  # (T,C/2)
-    table[:, 1::2] = torch.cos(pos * freq)  # (T,C/2)
-    return table
-
-
 class GPTLanguageModel(nn.Module):
     """ a decoder-only transformer that predicts the next character """
 
@@ -393,10 +379,7 @@ class GPTLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.pos_emb == 'learned':
-            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
-        else:  # a buffer, not a parameter: never trained
-            self.register_buffer('position_sinusoids', sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)  # final layer norm
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
@@ -416,11 +399,7 @@ class GPTLanguageModel(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         # idx and targets are both (B,T) tensor of integers
         tok_emb = self.token_embedding_table(idx)  # (B,T,C)
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        if self.config.pos_emb == 'learned':
-            pos_emb = self.position_embedding_table(pos)  # (T,C)
-        else:
-            pos_emb = self.position_sinusoids[:T]  # (T,C)
+        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T,C)
         x = tok_emb + pos_emb  # (B,T,C)
         x = self.blocks(x)  # (B,T,C)
         x = self.ln_f(x)  # (B,T,C)
@@ -767,13 +746,10 @@ def check_config(cfg):
         die(f"seed must be at least 0 and below 2**63, not {cfg.seed}")
     if 0 < cfg.temperature < 1e-3:
         die(f"temperature {cfg.temperature} is too small to sample with: use --temperature=0 for greedy decoding")
-    choices = dict(pos_emb=('learned', 'sinusoidal'), activation=('relu', 'gelu'),
-                   init_from=('scratch', 'resume', 'best'))
+    choices = dict(activation=('relu', 'gelu'), init_from=('scratch', 'resume', 'best'))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
-    if cfg.pos_emb == 'sinusoidal' and cfg.n_embd % 2:
-        die(f"the sinusoidal position embedding needs an even n_embd, not {cfg.n_embd}")
 
 
 def resume_config(cfg, overrides, checkpoint, path):
@@ -868,7 +844,7 @@ def main(argv=(), model_class=None, defaults=None):
 
     # the model: its shape comes from the checkpoint when there is one
     shape = checkpoint['model_args'] if checkpoint else dict(vocab_size=len(chars), **{k: getattr(cfg, k) for k in (
-        'block_size', 'n_embd', 'n_head', 'n_layer', 'pos_emb', 'activation', 'qkv_bias')})
+        'block_size', 'n_embd', 'n_head', 'n_layer', 'activation', 'qkv_bias')})
     config = GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})
     model = model_class(config).to(device)
     if checkpoint:

@@ -18,7 +18,7 @@ from test_cli import one_line_error
     (['--dropout=1.0'], 'dropout'),
     (['--device=cuda:7'], "device 'cuda:7' is not available"),
     (['--device=tpu'], 'device'),
-    (['--pos_emb=rotary'], 'pos_emb must be one of'),
+    (['--activation=swish'], 'activation must be one of'),
     (['--out_dir=input.txt/sub'], 'out_dir'),
     (['--block_size=3000'], 'too short for block_size=3000'),
     (['--prompt=Zoë'], 'never saw'),

@@ -110,24 +110,8 @@ def test_the_mathematical_trick_three_ways_and_as_attention():
     assert torch.allclose(head(x), xbow, atol=1e-6)
 
 
-def test_sinusoidal_table_matches_the_formula_and_is_never_trained():
-    table = gpt.sinusoidal_table(16, 8)
-    for pos in (0, 3, 15):
-        for i in range(4):
-            assert table[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)), abs=1e-6)
-            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-6)
-    model = tiny(pos_emb='sinusoidal')
-    assert not hasattr(model, 'position_embedding_table')
-    assert all('position' not in name for name, _ in model.named_parameters())
-    idx = torch.randint(65, (2, 16))
-    _, loss = model(idx, idx)
-    loss.backward()
-    assert model.position_sinusoids.grad is None and not model.position_sinusoids.requires_grad
-    assert torch.equal(model.position_sinusoids, gpt.sinusoidal_table(16, 32))
-
-
 @pytest.mark.parametrize('variant', [dict(activation='gelu'), dict(activation='relu'), dict(qkv_bias=True),
-                                     dict(qkv_bias=False), dict(pos_emb='learned'), dict(pos_emb='sinusoidal')])
+                                     dict(qkv_bias=False)])
 def test_each_variant_trains(variant):
     model = tiny(n_layer=1, **variant)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
