@@ -468,10 +468,15 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.learning_rate - cfg.min_lr)
 
 
-def plan_steps(cfg, device, step, step_s, elapsed, eval_s, val_tokens):
-    """ the time budget: the most steps (a multiple of 50) whose training, evaluations and sample end in max_time """
+def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens):
+    """
+    The time budget: the most steps (a multiple of 50) whose training, evaluations, whole-split loss and sample
+    end within max_time, from the measured seconds of a step, of estimate_loss and of sampling a character.
+    """
     token_s = eval_s / (2 * cfg.eval_iters * cfg.batch_size * cfg.block_size)  # a forward pass, per token
-    final_s = eval_s + token_s * (val_tokens + cfg.num_samples * cfg.max_new_tokens * cfg.block_size)
+    char_s = char_s or token_s * cfg.block_size  # not measured when preview_chars is 0
+    eval_s += char_s * cfg.preview_chars
+    final_s = eval_s + token_s * val_tokens + char_s * cfg.num_samples * cfg.max_new_tokens
     left = 0.97 * cfg.max_time - elapsed - final_s  # 3% for starting up and for noise
     n = max(step, int(step + left / (step_s + eval_s / cfg.eval_interval)) // 50 * 50)
     rank, world = rank_and_world()
@@ -533,11 +538,8 @@ def keep_previous_run(out_dir):
 
 @contextmanager
 def stop_on_signals():
-    """
-    Ctrl-C (SIGINT) or SIGTERM (kill, schedulers, torchrun) asks training to stop after the current step, save
-    and sample; a second one quits at once. Python takes signals in the main thread only; the handlers are
-    restored afterwards, so a notebook's Ctrl-C works as before.
-    """
+    """ Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save; a second quits at
+    once. Python takes signals in the main thread only, and a notebook gets its Ctrl-C handler back after """
     stop = []
     def on_signal(signum, frame):
         name = 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name
@@ -565,16 +567,16 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
             csv.writer(f).writerow(['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss'])
     accum = cfg.gradient_accumulation_steps
     tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
-    start_step, t_start, saved_step, eval_s = run.step, time.time() - run.elapsed, run.step, 0.0
+    start_step, t_start, saved_step, eval_s, char_s = run.step, time.time() - run.elapsed, run.step, 0.0, 0.0
     t_log, step_log = time.time(), run.step
     while True:
         step = run.step
-        # the time budget: time 20 steps, then fix max_iters and the schedule's end so the run ends within max_time
-        if budget and step == start_step + 5:
+        # the time budget: time 40 steps of the warmup, then fix max_iters and the schedule so the run ends in max_time
+        if budget and step == start_step + 10:
             t_budget = time.time()
-        if budget and step == start_step + 25:
+        if budget and step == start_step + 50:
             cfg.max_iters = cfg.lr_decay_iters = plan_steps(
-                cfg, device, step, (time.time() - t_budget) / 20, time.time() - t_start, eval_s, len(splits['val']))
+                cfg, device, step, (time.time() - t_budget) / 40, time.time() - t_start, eval_s, char_s, len(splits['val']))
             cfg.planned = True
 
         # every once in a while evaluate the loss on train and val sets, and save; always at the last step
@@ -582,13 +584,15 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
         if (step % cfg.eval_interval == 0 and not stop or last) and (step > start_step or step == 0):
             t0 = time.time()
             losses = estimate_loss(single, splits, cfg, device, ctx)
+            eval_s = time.time() - t0
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
             if cfg.preview_chars:
                 print('  ' + preview(raw_model, tokenizer, cfg, device, ctx), flush=True)
+                char_s = (time.time() - t0 - eval_s) / cfg.preview_chars
             whole = whole_split_loss(single, splits['val'], cfg, device, ctx) if last else None
             if last:  # exact where the estimate above has a standard error of ~0.01
                 print(f"step {step}: val loss over the whole split {whole:.4f}", flush=True)
-            eval_s, t_log = time.time() - t0, t_log + time.time() - t0  # ms/step counts training steps only
+            t_log += time.time() - t0  # ms/step counts training steps only
             run.elapsed = time.time() - t_start
             if rank == 0:
                 with open(log_path, 'a', newline='') as f:
@@ -635,7 +639,7 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
             now = time.time()
             dt = (now - t_log) / (step - step_log)
             evals_left = cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval
-            left = dt * (cfg.max_iters - step) + (evals_left + 1) * eval_s
+            left = dt * (cfg.max_iters - step) + (evals_left + 1) * (eval_s + char_s * cfg.preview_chars)
             print(f"  step {step}/{cfg.max_iters} | loss {lossf:.4f} | {dt * 1000:.0f} ms/step | "
                   f"{tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - t_start)} | "
                   f"left {format_time(left)}", flush=True)
@@ -759,7 +763,7 @@ def resume_config(cfg, overrides, checkpoint, path):
     if fixed:
         die(f"a trained model keeps its shape ({', '.join(f'{k}={shape[k]!r}' for k in fixed)}): drop "
             f"{' '.join(f'--{k}' for k in fixed)}, or train a new model with another --out_dir")
-    if 'max_time' in overrides:
+    if overrides.get('max_time', saved['max_time']) != saved['max_time']:
         die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
             f"set --max_iters=N to train it longer")
     per_call = ('init_from', 'out_dir', 'device')  # where the checkpoint is and what runs it belong to this call
@@ -863,12 +867,8 @@ def main(argv=(), model_class=None, defaults=None):
         torch.backends.cudnn.allow_tf32 = True
     use_bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
     ctx = torch.autocast(device_type='cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    counts = {}
-    for name, p in model.named_parameters():
-        part = 'embeddings' if 'embedding' in name else 'blocks' if name.startswith('blocks') else 'head'
-        counts[part] = counts.get(part, 0) + p.numel()
     print(f"device: {device}{' (bf16 autocast)' if use_bf16 else ''}, {torch.get_num_threads()} CPU threads")
-    print(f"parameters: {sum(counts.values()):,} (" + ', '.join(f"{part} {n:,}" for part, n in counts.items()) + ")")
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     print(f"vocabulary: {len(chars)} characters; model: {type(model).__name__}" + (
         f", {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}" if hasattr(model, 'blocks') else '')
         + f", block_size {config.block_size}")
