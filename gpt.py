@@ -763,13 +763,13 @@ def resume_config(cfg, overrides, checkpoint, path):
     if fixed:
         die(f"a trained model keeps its shape ({', '.join(f'{k}={shape[k]!r}' for k in fixed)}): drop "
             f"{' '.join(f'--{k}' for k in fixed)}, or train a new model with another --out_dir")
-    if overrides.get('max_time', saved['max_time']) != saved['max_time']:
+    if overrides.get('max_time', saved.get('max_time')) != saved.get('max_time'):
         die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
             f"set --max_iters=N to train it longer")
     per_call = ('init_from', 'out_dir', 'device')  # where the checkpoint is and what runs it belong to this call
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in overrides.items() if k in saved and k not in per_call and saved[k] != v]
     print(f"resuming {path} at step {checkpoint['step']} with its settings" + (f"; changed: {', '.join(changed)}" if changed else ''))
-    return SimpleNamespace(**{**vars(cfg), 'lr_decay_iters': saved['max_iters'],
+    return SimpleNamespace(**{**vars(cfg), 'lr_decay_iters': saved['max_iters'], 'planned': True,
                               **{k: v for k, v in saved.items() if k not in per_call}, **overrides})
 
 
@@ -849,6 +849,7 @@ def main(argv=(), model_class=None, defaults=None):
     # the model: its shape comes from the checkpoint when there is one
     shape = checkpoint['model_args'] if checkpoint else dict(vocab_size=len(chars), **{k: getattr(cfg, k) for k in (
         'block_size', 'n_embd', 'n_head', 'n_layer', 'activation', 'qkv_bias')})
+    shape = {k: v for k, v in shape.items() if k in GPTConfig.__dataclass_fields__}  # as saved by older versions too
     config = GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})
     model = model_class(config).to(device)
     if checkpoint:
