@@ -42,27 +42,27 @@ input_file = 'input.txt'  # the text to train on (UTF-8); its characters are the
 data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'  # fetched when input_file is the default and missing
 data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'  # checksum the download must have
 # model
-block_size = 256 if cuda else 128  # what is the maximum context length for predictions?
-n_embd = 384 if cuda else 128  # width of the embedding of each token
-n_head = 6 if cuda else 4  # attention heads per block; n_embd must be divisible by n_head
-n_layer = 6 if cuda else 2  # transformer blocks; in 3 minutes of CPU, more steps of 2 beat fewer of 4
+block_size = 256 if cuda else 64  # what is the maximum context length for predictions? (CPU: more, shorter sequences learn faster)
+n_embd = 384 if cuda else 96  # width of the embedding of each token
+n_head = 6 if cuda else 3  # attention heads per block; n_embd must be divisible by n_head
+n_layer = 6 if cuda else 2  # transformer blocks; in 3 minutes of CPU, many steps of a small model beat fewer of a big one
 dropout = 0.2 if cuda else 0.0  # 0 on CPU: 3 minutes cannot overfit, and attention keeps its fused kernel
 activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, a little better here)
 qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GPT-2: yes)
 fused_attention = True  # all heads at once in one fused kernel; False runs the lecture's per-head code
 # training
-batch_size = 64 if cuda else 24  # how many independent sequences will we process in parallel?
+batch_size = 64 if cuda else 32  # how many independent sequences will we process in parallel?
 max_iters = 5000  # total optimizer steps, unless max_time picks them; a resumed run continues up to this
 max_time = 0 if cuda else 180  # seconds, start to sample: the run times its first steps and sets max_iters to fit (0 = off; so does --max_iters=N)
 eval_interval = 500  # estimate train and val loss every this many steps
 eval_iters = 200 if cuda else 40  # batches of each split averaged in one estimate (standard error < 0.01)
 log_interval = 100  # print progress every this many steps
 learning_rate = 1e-3 if cuda else 6e-3  # peak learning rate, reached after the warmup; a small model takes a larger one
-min_lr = 1e-4 if cuda else 6e-4  # the learning rate decays to this, a tenth of the peak, at max_iters (cosine)
+min_lr = 1e-4 if cuda else 6e-4  # the learning rate decays to this, a tenth of the peak, at the run's last step (cosine)
 warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
 weight_decay = 0.1 if cuda else 0.0  # AdamW weight decay on weight matrices only; a 3-minute run needs none
 beta1 = 0.9  # AdamW beta1
-beta2 = 0.99  # AdamW beta2; 0.99 rather than 0.999 since each step sees few tokens
+beta2 = 0.99 if cuda else 0.95  # AdamW beta2; below 0.999 since each step sees few tokens, and the short CPU run fewer
 grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
 gradient_accumulation_steps = 1  # micro-batches per step: a larger batch than fits in memory
 # sampling
