@@ -487,7 +487,7 @@ def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens):
     end = elapsed + (n - step) * step_s + (n // cfg.eval_interval - step // cfg.eval_interval) * eval_s + final_s
     print(f"time budget {cfg.max_time} s: {n} steps at {step_s * 1000:.0f} ms/step, done at about {format_time(end)}",
           flush=True)
-    return n
+    return n, final_s
 
 
 def save_checkpoint(path, model, optimizer, cfg, chars, run):
@@ -567,7 +567,7 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
             csv.writer(f).writerow(['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss'])
     accum = cfg.gradient_accumulation_steps
     tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
-    start_step, t_start, saved_step, eval_s, char_s = run.step, time.time() - run.elapsed, run.step, 0.0, 0.0
+    start_step, t_start, saved_step, eval_s, char_s, deadline = run.step, time.time() - run.elapsed, run.step, 0.0, 0.0, None
     t_log, step_log = time.time(), run.step
     while True:
         step = run.step
@@ -575,9 +575,12 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
         if budget and step == start_step + 10:
             t_budget = time.time()
         if budget and step == start_step + 50:
-            cfg.max_iters = cfg.lr_decay_iters = plan_steps(
+            cfg.max_iters, final_s = plan_steps(
                 cfg, device, step, (time.time() - t_budget) / 40, time.time() - t_start, eval_s, char_s, len(splits['val']))
-            cfg.planned = True
+            cfg.lr_decay_iters, cfg.planned, deadline = cfg.max_iters, True, t_start + 0.985 * cfg.max_time - final_s
+        if deadline and time.time() > deadline and step < cfg.max_iters:  # kept unless the machine slows down
+            print(f"time budget: this machine has slowed down since the plan, so the run ends now, at step {step}")
+            cfg.max_iters = step
 
         # every once in a while evaluate the loss on train and val sets, and save; always at the last step
         last = step == cfg.max_iters
@@ -790,14 +793,15 @@ def pick_device(name):
 
 def main(argv=(), model_class=None, defaults=None):
     """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py call this with their own model """
+    t_begin = time.time()  # a new run's clock, and its time budget, start here
     cfg, overrides = get_config(argv, defaults)
     model_class = model_class or GPTLanguageModel
-    check_config(cfg)
     checkpoint = None
-    if cfg.init_from != 'scratch':
+    if cfg.init_from in ('resume', 'best'):
         path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
         checkpoint = load_checkpoint(path, model_class)
         cfg = resume_config(cfg, overrides, checkpoint, path)
+    check_config(cfg)
     if 'max_iters' in overrides:  # a step count given on the command line turns the time budget off
         cfg.max_time = 0
     if not checkpoint:
@@ -889,7 +893,7 @@ def main(argv=(), model_class=None, defaults=None):
               f" to step {'?' if budget else cfg.max_iters}, {tokens:,} tokens per step"
               + (f" ({world} processes)" if world > 1 else ""), flush=True)
         run = SimpleNamespace(step=step, best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),
-                              elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0)
+                              elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else time.time() - t_begin)
         with stop_on_signals() as stop:
             train(trained, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budget)
         if stop and stop[0] == signal.SIGTERM:  # asked to end: saved, so go without sampling

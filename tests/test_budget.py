@@ -18,8 +18,8 @@ NO_STEPS = [a for a in TINY if not a.startswith('--max_iters')]  # so max_time p
 def test_the_plan_fills_the_budget_and_no_more(capsys):
     cfg = SimpleNamespace(max_time=100, eval_interval=500, eval_iters=40, batch_size=32, block_size=64,
                           num_samples=1, max_new_tokens=500, preview_chars=gpt.preview_chars)
-    n = gpt.plan_steps(cfg, torch.device('cpu'), 50, step_s=0.05, elapsed=5.0, eval_s=1.0, char_s=0.004,
-                       val_tokens=100_000)
+    n, final_s = gpt.plan_steps(cfg, torch.device('cpu'), 50, step_s=0.05, elapsed=5.0, eval_s=1.0, char_s=0.004,
+                                val_tokens=100_000)
     assert n % 50 == 0
     def total(n):  # training, the evaluations on the way (with a preview), the last one, the whole val split, the sample
         eval_s, token_s = 1.0 + 0.004 * gpt.preview_chars, 1.0 / (2 * 40 * 32 * 64)
@@ -30,13 +30,14 @@ def test_the_plan_fills_the_budget_and_no_more(capsys):
 
 def test_a_budget_run_plans_its_steps_and_keeps_to_them(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
-    gpt.main([*NO_STEPS, '--max_time=5', '--eval_interval=500'])
+    gpt.main([*NO_STEPS, '--max_time=8', '--eval_interval=500'])
     out = capsys.readouterr().out
-    planned = int(re.search(r'time budget 5 s: (\d+) steps', out).group(1))
+    planned = int(re.search(r'time budget 8 s: (\d+) steps', out).group(1))
     assert planned % 50 == 0 and planned > 50
-    assert [int(s) for s, _, _ in STEP_LINE.findall(out)][-1] == planned
+    last = [int(s) for s, _, _ in STEP_LINE.findall(out)][-1]
+    assert last == planned or 'slowed down' in out  # tiny steps on a busy machine can take longer than timed
     saved = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
-    assert saved['step'] == saved['config']['max_iters'] == saved['config']['lr_decay_iters'] == planned
+    assert saved['step'] == saved['config']['max_iters'] == last and saved['config']['lr_decay_iters'] == planned
 
 
 def test_max_iters_on_the_command_line_turns_the_budget_off(workdir, monkeypatch, capsys):
@@ -50,7 +51,7 @@ def run_planned(cwd, *args, stop_at=None):
     """ a budget run whose plan is fixed at 300 steps (timings differ from run to run), cut by Ctrl-C if asked """
     code = f"""
 import os, signal, gpt
-gpt.plan_steps = lambda *args: 300
+gpt.plan_steps = lambda *args: (300, 0.0)
 train_step = gpt.get_lr
 def get_lr(step, cfg):
     if step == {stop_at!r}:
@@ -76,3 +77,13 @@ def test_a_budget_run_cut_and_resumed_equals_the_whole_run(workdir):
     assert a['step'] == b['step'] == 300
     for name in a['model']:
         assert torch.equal(a['model'][name], b['model'][name]), name
+
+
+def test_a_machine_that_slows_after_the_plan_still_ends_in_time(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(gpt, 'plan_steps', lambda *args: (10 ** 6, 0.0))  # a plan this machine cannot keep
+    gpt.main([*NO_STEPS, '--max_time=3', '--eval_interval=100000'])
+    out = capsys.readouterr().out
+    assert 'has slowed down since the plan, so the run ends now' in out and 'whole split' in out
+    last = int(STEP_LINE.findall(out)[-1][0])
+    assert 50 <= last < 10 ** 6 and torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)['step'] == last
