@@ -577,7 +577,7 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
         if budget and step == start_step + 50:
             cfg.max_iters, final_s = plan_steps(
                 cfg, device, step, (time.time() - t_budget) / 40, time.time() - t_start, eval_s, char_s, len(splits['val']))
-            cfg.lr_decay_iters, cfg.planned, deadline = cfg.max_iters, True, t_start + 0.985 * cfg.max_time - final_s
+            cfg.lr_decay_iters, cfg.planned, deadline = cfg.max_iters, True, t_start + 0.975 * cfg.max_time - final_s
         if deadline and time.time() > deadline and step < cfg.max_iters:  # kept unless the machine slows down
             print(f"time budget: this machine has slowed down since the plan, so the run ends now, at step {step}")
             cfg.max_iters = step
