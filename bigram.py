@@ -24,6 +24,7 @@ defaults = dict(
     learning_rate=1e-2,  # a single lookup table learns fast
     min_lr=1e-3,  # the learning rate decays to this at max_iters
     dropout=0.0,  # nothing to drop out
+    beta2=0.99,  # AdamW beta2 (gpt.py's 0.95 on a CPU is for its 3-minute run)
     out_dir='out-bigram',  # its checkpoints apart from gpt.py's
 )
 # ----------------------------------------------------------------------------------------------
