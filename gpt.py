@@ -568,15 +568,16 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
     accum = cfg.gradient_accumulation_steps
     tokens_per_step = cfg.batch_size * cfg.block_size * accum * world
     start_step, t_start, saved_step, eval_s, char_s, deadline = run.step, time.time() - run.elapsed, run.step, 0.0, 0.0, None
-    t_log, step_log = time.time(), run.step
+    t_log, step_log, marks = time.time(), run.step, []
     while True:
         step = run.step
-        # the time budget: time 40 steps of the warmup, then fix max_iters and the schedule so the run ends in max_time
-        if budget and step == start_step + 10:
-            t_budget = time.time()
+        # the time budget: time 4 x 10 steps of the warmup, then fix max_iters and the schedule to end in max_time
+        if budget and step - start_step in (10, 20, 30, 40, 50):
+            marks.append(time.time())
         if budget and step == start_step + 50:
+            step_s = sum(sorted(b - a for a, b in zip(marks, marks[1:]))[1:3]) / 20  # median: a busy moment is left out
             cfg.max_iters, final_s = plan_steps(
-                cfg, device, step, (time.time() - t_budget) / 40, time.time() - t_start, eval_s, char_s, len(splits['val']))
+                cfg, device, step, step_s, time.time() - t_start, eval_s, char_s, len(splits['val']))
             cfg.lr_decay_iters, cfg.planned, deadline = cfg.max_iters, True, t_start + 0.975 * cfg.max_time - final_s
         if deadline and time.time() > deadline and step < cfg.max_iters:  # kept unless the machine slows down
             print(f"time budget: this machine has slowed down since the plan, so the run ends now, at step {step}")
