@@ -1,5 +1,6 @@
 """ data-parallel training with torchrun, and gradient accumulation """
 import os
+import signal
 import subprocess
 import sys
 
@@ -43,3 +44,19 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(workdir, m
     for name, w in one.items():
         assert torch.allclose(w, accumulated[name], atol=1e-5), name
     assert not torch.allclose(one['lm_head.weight'], gpt.main([*ARGS, '--out_dir=other']).state_dict()['lm_head.weight'])
+
+
+def test_sigterm_to_torchrun_saves_once_and_stops_every_process(workdir):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(ROOT, 'gpt.py'), *TINY, '--dropout=0.0', '--max_iters=100000',
+                             '--out_dir=ddp'], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    for line in proc.stdout:
+        if line.startswith('  step 20/'):
+            proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun passes it on to both processes
+            break
+    out = proc.stdout.read()
+    proc.wait(timeout=60)
+    assert 'SIGTERM' in out and 'saved ddp' in out, out + proc.stderr.read()[-2000:]
+    assert 20 <= torch.load(workdir / 'ddp' / 'ckpt.pt', weights_only=True)['step'] < 100000
