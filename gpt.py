@@ -579,9 +579,6 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
             cfg.max_iters, final_s = plan_steps(
                 cfg, device, step, step_s, time.time() - t_start, eval_s, char_s, len(splits['val']))
             cfg.lr_decay_iters, cfg.planned, deadline = cfg.max_iters, True, t_start + 0.975 * cfg.max_time - final_s
-        if deadline and time.time() > deadline and step < cfg.max_iters:  # kept unless the machine slows down
-            print(f"time budget: this machine has slowed down since the plan, so the run ends now, at step {step}")
-            cfg.max_iters = step
 
         # every once in a while evaluate the loss on train and val sets, and save; always at the last step
         last = step == cfg.max_iters
@@ -630,11 +627,15 @@ def train(model, optimizer, splits, tokenizer, cfg, device, ctx, run, stop, budg
         optimizer.step()
         run.step = step = step + 1
 
-        lossf = loss.item()
-        if world > 1:  # the mean loss of all processes, and a signal to any of them stops them all at this step
-            shared = torch.tensor([lossf / world, max(stop, default=0)], device=device)
+        lossf, late = loss.item(), float(deadline is not None and time.time() > deadline)
+        if world > 1:  # the mean loss of all processes; a signal to any of them, or a deadline, stops them all here
+            shared = torch.tensor([lossf / world, max(stop, default=0), late], device=device)
             torch.distributed.all_reduce(shared)
-            lossf, stop[:] = shared[0].item(), stop or ([int(shared[1].item())] if shared[1].item() else [])
+            lossf, late = shared[0].item(), shared[2].item()
+            stop[:] = stop or ([int(shared[1].item())] if shared[1].item() else [])
+        if late and step < cfg.max_iters:  # the plan is kept unless the machine slows down after it
+            print(f"time budget: this machine has slowed down since the plan, so the run ends now, at step {step}")
+            cfg.max_iters = step
         if not math.isfinite(lossf):
             kept = f"{ckpt_path} is from before it" if os.path.exists(ckpt_path) else "nothing was saved"
             die(f"the loss became {lossf} at step {step}; {kept}: lower --learning_rate (now {cfg.learning_rate})"
