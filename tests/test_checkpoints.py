@@ -131,3 +131,30 @@ def test_thousands_of_distinct_characters_train_save_resume_and_sample(workdir):
     assert sample.startswith(text[:3])
     sample = sample[3:]
     assert len(sample.strip()) >= 20 and set(sample.strip()) <= set(vocab)
+
+
+def test_a_sinusoidal_model_trains_resumes_exactly_and_remembers_its_embedding(workdir):
+    args = [*TINY, '--position_embedding=sinusoidal', '--max_iters=60', '--eval_interval=20']
+    stop_at_step_30 = f"""
+import os, signal, gpt
+get_lr = gpt.get_lr
+def ctrl_c_at_step_30(step, cfg, *end):
+    if step == 30:
+        os.kill(os.getpid(), signal.SIGINT)
+    return get_lr(step, cfg, *end)
+gpt.get_lr = ctrl_c_at_step_30
+gpt.main({[*args, '--out_dir=cut']!r})
+"""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+    assert run_script(workdir, *args, '--out_dir=whole').returncode == 0
+    p = subprocess.run([sys.executable, '-c', stop_at_step_30], cwd=workdir, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0 and 'Ctrl-C' in p.stdout, p.stderr
+    assert load(workdir / 'cut' / 'ckpt.pt')['step'] == 31
+    resumed = run_script(workdir, '--device=cpu', '--init_from=resume', '--out_dir=cut')  # no setting repeated
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load(workdir / 'whole' / 'ckpt.pt'), load(workdir / 'cut' / 'ckpt.pt')
+    assert a['step'] == b['step'] == 60 and b['model_args']['position_embedding'] == 'sinusoidal'
+    assert a['model'].keys() == b['model'].keys() and not [k for k in a['model'] if 'position' in k]
+    for name in a['model']:
+        assert torch.equal(a['model'][name], b['model'][name]), name

@@ -68,8 +68,8 @@ def test_split_is_90_10_and_targets_are_inputs_shifted_by_one(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
-    cfg = SimpleNamespace(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=100)
-    lrs = [gpt.get_lr(s, cfg) for s in range(101)]
+    cfg = SimpleNamespace(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10)
+    lrs = [gpt.get_lr(s, cfg, 100) for s in range(101)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
     assert max(lrs) == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(1e-4)

@@ -69,10 +69,10 @@ def test_a_run_stopped_in_its_last_step_still_evaluates_and_logs(workdir):
     p = run_python(workdir, f"""
 import os, signal, gpt
 get_lr = gpt.get_lr
-def ctrl_c_in_the_last_step(step, cfg):
+def ctrl_c_in_the_last_step(step, cfg, *end):
     if step == cfg.max_iters - 1:
         os.kill(os.getpid(), signal.SIGINT)
-    return get_lr(step, cfg)
+    return get_lr(step, cfg, *end)
 gpt.get_lr = ctrl_c_in_the_last_step
 gpt.main({TINY!r})
 """)

@@ -111,7 +111,8 @@ def test_the_mathematical_trick_three_ways_and_as_attention():
 
 
 @pytest.mark.parametrize('variant', [dict(activation='gelu'), dict(activation='relu'), dict(qkv_bias=True),
-                                     dict(qkv_bias=False)])
+                                     dict(qkv_bias=False), dict(position_embedding='sinusoidal'),
+                                     dict(position_embedding='learned')])
 def test_each_variant_trains(variant):
     model = tiny(n_layer=1, **variant)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -130,6 +131,78 @@ def test_each_variant_trains(variant):
         assert isinstance(act, torch.nn.GELU if variant['activation'] == 'gelu' else torch.nn.ReLU)
     if 'qkv_bias' in variant:
         assert (model.blocks[0].sa.heads[0].key.bias is not None) == variant['qkv_bias']
+    if 'position_embedding' in variant:
+        learned = isinstance(model.position_embedding_table, torch.nn.Embedding)
+        assert learned == (variant['position_embedding'] == 'learned')
+
+
+# the position embedding: the lecture's learned table, or the Transformer paper's fixed sin/cos waves
+
+@pytest.mark.parametrize('C', [10, 9])  # an odd width ends on a sin
+def test_the_sinusoidal_table_is_the_papers_formula(C):
+    T = 16
+    table = gpt.SinusoidalPositions(T, C)(torch.arange(T))  # (T,C)
+    assert table.shape == (T, C)
+    for pos in range(T):
+        for c in range(C):
+            angle = pos / 10000 ** (2 * (c // 2) / C)
+            expected = math.sin(angle) if c % 2 == 0 else math.cos(angle)  # sin at even channels, cos at odd
+            assert table[pos, c].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_sinusoidal_embedding_is_neither_a_parameter_nor_saved():
+    learned, fixed = tiny(), tiny(position_embedding='sinusoidal')
+    n_learned = sum(p.numel() for p in learned.parameters())
+    assert sum(p.numel() for p in fixed.parameters()) == n_learned - 16 * 32  # block_size x n_embd fewer
+    assert 'position_embedding_table.weight' in learned.state_dict()  # the lecture's names, as they were
+    assert not [k for k in fixed.state_dict() if k.startswith('position_embedding')]
+
+
+def test_a_sinusoidal_position_changes_what_a_token_predicts():
+    model = tiny(position_embedding='sinusoidal')
+    logits, _ = model(torch.zeros((1, 8), dtype=torch.long))  # the same token at 8 positions
+    assert not torch.allclose(logits[0, 0], logits[0, 7], atol=1e-4)
+
+
+# LayerNorm, as the lecture writes it by hand
+
+class LayerNorm1d:
+    """ the lecture's LayerNorm: normalize each row's features, then a learned scale and shift """
+
+    def __init__(self, dim, eps=1e-5):
+        self.eps = eps
+        self.gamma = torch.ones(dim)
+        self.beta = torch.zeros(dim)
+
+    def __call__(self, x):
+        xmean = x.mean(1, keepdim=True)  # batch mean
+        xvar = x.var(1, keepdim=True, unbiased=False)  # batch variance (nn.LayerNorm's: divided by n)
+        xhat = (x - xmean) / torch.sqrt(xvar + self.eps)  # normalize to unit variance
+        return self.gamma * xhat + self.beta
+
+
+def test_the_lectures_layernorm_equals_nn_layernorm():
+    x = torch.randn(32, 100) * 3 + 2
+    assert torch.allclose(LayerNorm1d(100)(x), torch.nn.LayerNorm(100)(x), atol=1e-5)
+
+
+def test_layernorm_normalizes_each_tokens_features():
+    x = torch.randn(32, 100) * 3 + 2
+    out = LayerNorm1d(100)(x)
+    assert torch.allclose(out.mean(dim=1), torch.zeros(32), atol=1e-5)  # each row: mean 0
+    assert torch.allclose(out.std(dim=1, unbiased=False), torch.ones(32), atol=1e-3)  # and std 1
+    assert out[:, 0].std() > 0.5 and abs(out[:, 0].mean()) > 1e-3  # a column is not normalized
+
+
+def test_batchnorm_normalizes_each_feature_across_the_batch_and_keeps_buffers():
+    x = torch.randn(32, 100) * 3 + 2
+    bn = torch.nn.BatchNorm1d(100)
+    out = bn(x)
+    assert torch.allclose(out.mean(dim=0), torch.zeros(100), atol=1e-5)  # each column: mean 0
+    assert torch.allclose(out.std(dim=0, unbiased=False), torch.ones(100), atol=1e-3)  # and std 1
+    assert not torch.allclose(out.mean(dim=1), torch.zeros(32), atol=1e-2)  # a row is not normalized
+    assert {'running_mean', 'running_var'} <= dict(bn.named_buffers()).keys()  # LayerNorm keeps none
+    assert not list(torch.nn.LayerNorm(100).buffers())
 
 
 def test_generate_never_feeds_more_than_block_size_and_restores_the_mode():
