@@ -50,6 +50,10 @@ class BigramLanguageModel(nn.Module):
 
     generate = gpt.GPTLanguageModel.generate  # the same sampling code as the GPT
 
+    # settings of gpt.py's model that this one does not have: refused on the command line, not ignored
+    ignored_settings = ('n_layer', 'n_head', 'n_embd', 'activation', 'position_embedding', 'qkv_bias',
+                        'fused_attention')
+
 
 if __name__ == '__main__':
     try:

@@ -14,11 +14,14 @@ On a CPU or Apple MPS it runs a smaller model that trains and samples in about 3
 import ast
 import csv
 import difflib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import socket
 import signal
 import sys
 import threading
@@ -26,6 +29,11 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
+
+try:
+    import fcntl  # a lock per out_dir: one training run at a time
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -158,8 +166,7 @@ def prepare_data(path, cache_dir):
     """
     if not os.path.isfile(path):
         die(f"cannot read the input file '{path}': put a UTF-8 text file there or set --input_file")
-    st = os.stat(path)
-    key = dict(file=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    key = dict(file=os.path.abspath(path), **text_stamp(path))
     meta_path, bin_path = os.path.join(cache_dir, 'data.json'), os.path.join(cache_dir, 'data.bin')
     try:
         with open(meta_path, encoding='utf-8') as f:
@@ -189,6 +196,12 @@ def prepare_data(path, cache_dir):
     return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
 
 
+def text_stamp(path):
+    """ the text file's size and time of last change: a new encoding, or a note when a resumed text changed """
+    st = os.stat(path)
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
 def download(url, sha256, path):
     """ fetch the default text once, check its checksum, write it atomically """
     import requests
@@ -212,11 +225,13 @@ def load_splits(cfg, checkpoint=None):
         download(cfg.data_url, cfg.data_sha256, cfg.input_file)
     chars, data = prepare_data(cfg.input_file, cfg.out_dir)
     if checkpoint and ''.join(chars) != checkpoint['chars']:
-        differing = ''.join(sorted(set(chars) ^ set(checkpoint['chars'])))
-        die(f"{cfg.input_file} and the checkpoint have different vocabularies "
-            f"(differing: {differing[:40]!r}): "
-            f"resume on the text it learned ({checkpoint['config']['input_file']}), "
-            f"or train anew with another --out_dir")
+        new = ''.join(sorted(set(chars) - set(checkpoint['chars'])))
+        gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
+        die(f"{cfg.input_file} has changed since the model learned it, and so have its characters (new: "
+            f"{new[:20]!r}, gone: {gone[:20]!r}): restore the text it learned, or train a new model with --out_dir")
+    if checkpoint and checkpoint.get('text', text_stamp(cfg.input_file)) != text_stamp(cfg.input_file):
+        print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved (same characters): "
+              f"training goes on with the text as it is now")
     n = int(0.9 * len(data))  # first 90% will be train, rest val
     splits = dict(train=data[:n], val=data[n:])
     for split, d in splits.items():
@@ -271,23 +286,35 @@ def estimate_loss(model, splits, cfg, device, ctx):
     return out
 
 
+def final_windows(data, block_size, max_tokens=1 << 17):
+    """ where the final loss reads the val split: every block_size window of a split up to max_tokens long (all
+    of tiny Shakespeare's 111,540 characters), else max_tokens worth of windows spread evenly over it """
+    n = (len(data) - 1) // block_size  # non-overlapping windows in the split
+    used = min(n, max(1, max_tokens // block_size))
+    return np.linspace(0, n - 1, used).round().astype(np.int64) * block_size, n  # window starts, of n
+
+
 @torch.no_grad()
-def whole_split_loss(model, data, cfg, device, ctx):
-    """ the exact mean loss over every character of a split, in non-overlapping block_size windows """
+def whole_split_loss(model, data, cfg, device, ctx, stop=()):
+    """ the mean loss over the windows of final_windows: exact over a split up to 131,072 characters; None when
+    a stop (Ctrl-C, SIGTERM) comes first, as it may in the minutes a huge split would take """
     rank, world = rank_and_world()
     T, B = cfg.block_size, 4 * cfg.batch_size  # forward only: 4 times the batch fits
-    n = (len(data) - 1) // T  # windows
-    total = torch.zeros(1, device=device)
+    starts, _ = final_windows(data, T)
+    total = torch.zeros(2, device=device)  # the sum of window losses, and whether a process was stopped
     model.eval()
-    for i in range(rank * B, n, world * B):  # under torchrun each process takes its share
-        w = torch.from_numpy(data[i * T:min(n, i + B) * T + 1].astype(np.int64))
+    for i in range(rank * B, len(starts), world * B):  # under torchrun each process takes its share
+        if stop:
+            total[1] = 1
+            break
+        w = torch.from_numpy(data[starts[i:i + B, None] + np.arange(T + 1)].astype(np.int64))  # (B,T+1)
         with ctx:
-            logits, loss = model(w[:-1].view(-1, T).to(device), w[1:].view(-1, T).to(device))  # (B,T) each
-        total += loss.item() * (len(w) // T)
+            logits, loss = model(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device))  # (B,T)
+        total[0] += loss.item() * len(w)
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
-    return total.item() / n
+    return None if total[1] else total[0].item() / len(starts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +544,8 @@ def loop_state(cfg, checkpoint, t_begin):
         elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0, t_begin=t_begin,
         resumed_at=step if checkpoint else None,  # evaluated and saved already
         training=cfg.max_time > 0 and not planned or step < cfg.max_iters,
-        saved_step=step, stop=[], eval_s=0.0, char_s=0.0, marks=[])
+        saved_step=step if checkpoint else None, stop=[],  # a new run saves even at step 0
+        eval_s=0.0, char_s=0.0, marks=[])
 
 
 def configure_optimizer(model, cfg, device):
@@ -553,7 +581,7 @@ def time_budget(run, cfg):
         tens = sorted(b - a for a, b in zip(run.marks, run.marks[1:]))
         step_s = sum(tens[1:3]) / 20  # the median of the four: a busy moment is left out
         run.max_iters, final_s = plan_steps(cfg, run.device, run.step, step_s, time.time() - run.t_start,
-                                            run.eval_s, run.char_s, len(run.splits['val']))
+                                            run.eval_s, run.char_s, len(final_windows(run.splits['val'], cfg.block_size)[0]) * cfg.block_size)
         run.lr_decay_iters, run.planned, run.budget = run.max_iters, True, False
         run.deadline = run.t_start + 0.975 * cfg.max_time - final_s
 
@@ -588,24 +616,28 @@ def save_checkpoint(path, run, cfg):
         model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
         model_class=type(run.raw_model).__name__, model_args=asdict(run.raw_model.config),
         config={**vars(cfg), 'max_iters': run.max_iters, 'lr_decay_iters': run.lr_decay_iters,
-                'planned': run.planned},  # the settings, with the loop's plan
+                'planned': run.planned,  # the settings, with the loop's plan
+                'input_file': os.path.abspath(cfg.input_file)},  # found again from any folder
+        text=run.text, processes=run.world,
         step=run.step, best_val_loss=run.best_val_loss, elapsed=run.elapsed, chars=run.tokenizer.chars,
         rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if cuda else [],
     )
     try:
         torch.save(checkpoint, path + '.tmp')
         os.replace(path + '.tmp', path)  # atomic: a crash mid-save leaves the previous checkpoint as it was
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:  # torch says a full disk as "unexpected pos": say it plainly
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 64 << 20
+        why = 'no space left on the disk' if full or getattr(e, 'errno', 0) == errno.ENOSPC else str(e).strip()
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
-        die(f"could not write {path} ({e}); the previous checkpoint is intact: "
-            f"free some disk space or set --out_dir")
+        die(f"could not write {path} ({why.splitlines()[0][:100]}); the previous checkpoint is intact: "
+            f"free some disk space or set --out_dir, then resume with --init_from=resume")
 
 
 def load_checkpoint(path, model_class):
     """ a checkpoint of this script, read as plain tensors and values (weights_only: it cannot run code) """
     if not os.path.exists(path):
-        die(f"no checkpoint at {path}: train one first (python gpt.py), or set --out_dir")
+        die(no_checkpoint(path, model_class))
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         for key in ('model_class', 'model', 'chars', 'step', 'config'):
@@ -619,11 +651,23 @@ def load_checkpoint(path, model_class):
     return checkpoint
 
 
+def no_checkpoint(path, model_class):
+    """ what to say when there is no checkpoint to resume or sample from, and what to do instead """
+    folder, name = os.path.split(path)
+    script = os.path.basename(sys.modules[model_class.__module__].__file__)  # gpt.py, bigram.py, ...
+    if name == 'best.pt' and os.path.exists(os.path.join(folder, 'ckpt.pt')):
+        return f"no checkpoint at {path} (a run saves one when its val loss improves): use --init_from=resume"
+    kept = os.path.join(folder, 'previous')
+    earlier = f"; earlier runs are kept in {kept}, e.g. --out_dir={os.path.join(kept, sorted(os.listdir(kept))[-1])}" \
+        if os.path.isdir(kept) and os.listdir(kept) else ''
+    return f"no checkpoint at {path}: train one first (python {script}), or set --out_dir{earlier}"
+
+
 def keep_previous_run(out_dir):
     """ a new run never overwrites a trained model: the last run's files move to out_dir/previous/<date> """
     files = [n for n in ('ckpt.pt', 'best.pt', 'log.csv') if os.path.exists(os.path.join(out_dir, n))]
     if not {'ckpt.pt', 'best.pt'} & set(files):
-        return
+        return None
     when = time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(os.path.join(out_dir, files[0]))))
     dest, k = os.path.join(out_dir, 'previous', when), 1
     while os.path.exists(dest):
@@ -632,6 +676,30 @@ def keep_previous_run(out_dir):
     for name in files:
         os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
     print(f"the previous run's model is kept in {dest} (sample it with --out_dir={dest} --init_from=resume)")
+    return dest
+
+
+def start_log(run, cfg, checkpoint):
+    """
+    log.csv, with a row per evaluation. A new run moves the previous run aside (keep_previous_run) and starts
+    an empty log. A run trained on from best.pt is a new branch of its run: that run is moved aside too, and
+    the branch's log starts with its rows up to best.pt's step. A resumed run keeps the rows up to its
+    checkpoint, so no step is logged twice, even after a save that failed.
+    """
+    kept = keep_previous_run(cfg.out_dir) if not checkpoint or cfg.init_from == 'best' else None
+    old = os.path.join(kept, 'log.csv') if kept else run.log_path
+    rows = []
+    if checkpoint and os.path.exists(old):
+        with open(old, newline='') as f:
+            rows = [row for row in csv.reader(f)][1:]
+        rows = [row for row in rows if row and int(row[0]) <= run.step]
+    header = ['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss']
+    try:
+        with open(run.log_path + '.tmp', 'w', newline='') as f:
+            csv.writer(f).writerows([header] + rows)
+        os.replace(run.log_path + '.tmp', run.log_path)
+    except OSError as e:
+        die(f"cannot write {run.log_path} ({e.strerror}): free some disk space or set --out_dir")
 
 
 @contextmanager
@@ -708,23 +776,42 @@ def after_evaluation(run, cfg, losses, last_step, t0):
     if cfg.preview_chars:
         print('  ' + preview(run.raw_model, run.tokenizer, cfg, run.device, run.ctx), flush=True)
         run.char_s = (time.time() - t0 - run.eval_s) / cfg.preview_chars
-    whole = whole_split_loss(run.model, run.splits['val'], cfg, run.device, run.ctx) if last_step else None
-    if last_step:  # exact where the estimate above has a standard error of ~0.01
-        print(f"step {run.step}: val loss over the whole split {whole:.4f}", flush=True)
-    run.t_log += time.time() - t0  # ms/step counts training steps only
     run.elapsed = time.time() - run.t_start
-    if run.rank > 0:
-        return
-    with open(run.log_path, 'a', newline='') as f:
-        csv.writer(f).writerow([run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
-                                f"{get_lr(run.step, cfg, run.lr_decay_iters):.3e}", f"{run.elapsed:.1f}",
-                                '' if whole is None else f"{whole:.4f}"])
-    if losses['val'] < run.best_val_loss and run.step > 0:
-        run.best_val_loss = losses['val']
-        save_checkpoint(run.best_path, run, cfg)
-    if run.step > run.start_step:
-        save_checkpoint(run.ckpt_path, run, cfg)
-        run.saved_step = run.step
+    if run.rank == 0:  # saved first: the final loss below may take a while, and a stop skips it
+        if losses['val'] < run.best_val_loss and run.step > 0:
+            run.best_val_loss = losses['val']
+            save_checkpoint(run.best_path, run, cfg)
+        if run.step > run.start_step:
+            save_checkpoint(run.ckpt_path, run, cfg)
+            run.saved_step = run.step
+    whole = final_loss(run, cfg) if last_step else None
+    run.t_log += time.time() - t0  # ms/step counts training steps only
+    if run.rank == 0:
+        append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
+                                  f"{get_lr(run.step, cfg, run.lr_decay_iters):.3e}", f"{run.elapsed:.1f}",
+                                  '' if whole is None else f"{whole:.4f}"])
+
+
+def final_loss(run, cfg):
+    """ after the last evaluation, the loss over the whole val split, exact where the estimate has a standard
+    error of ~0.01; a huge split is read at evenly spread windows, and the line says so """
+    whole = whole_split_loss(run.model, run.splits['val'], cfg, run.device, run.ctx, run.stop)
+    starts, n = final_windows(run.splits['val'], cfg.block_size)
+    where = 'the whole split' if len(starts) == n else f"{len(starts):,} windows spread over the split's {n:,}"
+    if whole is None:
+        print(f"step {run.step}: the val loss over {where} is skipped: stopped", flush=True)
+    else:
+        print(f"step {run.step}: val loss over {where} {whole:.4f}", flush=True)
+    return whole
+
+
+def append_log(path, row):
+    """ one row of log.csv; a full disk is one line of error, with the checkpoints already saved """
+    try:
+        with open(path, 'a', newline='') as f:
+            csv.writer(f).writerow(row)
+    except OSError as e:
+        die(f"cannot write {path} ({e.strerror}): free some disk space, then resume with --init_from=resume")
 
 
 def after_step(run, cfg, loss):
@@ -806,8 +893,8 @@ def main(argv=(), model_class=None, defaults=None):
     ctx = autocast(device)
     describe(model, tokenizer, device, ctx)
     if run.training:
-        start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx)
-        with stop_on_signals() as run.stop:
+        with one_run_at_a_time(cfg.out_dir, on=rank_and_world()[0] == 0), stop_on_signals() as run.stop:
+            start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx)
             train(run, cfg)
         if run.stop and run.stop[0] == signal.SIGTERM:  # asked to end: saved, so go without sampling
             raise SystemExit(128 + signal.SIGTERM)
@@ -822,6 +909,9 @@ def main(argv=(), model_class=None, defaults=None):
 def settings(argv, defaults, model_class):
     """ the constants, the caller's defaults, a resumed run's own settings, then the command line """
     cfg, overrides = get_config(argv, defaults)
+    for name in overrides:
+        if name in getattr(model_class, 'ignored_settings', ()):
+            die(f"{model_class.__name__} has no {name}: drop --{name}")
     checkpoint = None
     if cfg.init_from in ('resume', 'best'):
         path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
@@ -851,6 +941,51 @@ def start_processes(cfg):
     return device
 
 
+def processes_changed(before, now, cfg):
+    """ a run resumed with another number of processes trains on another number of tokens per step """
+    tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    accum = cfg.gradient_accumulation_steps * before / now
+    keep = f": set --gradient_accumulation_steps={accum:.0f} to keep them" if accum == int(accum) else ''
+    return (f"the checkpoint was trained by {before} processes, this run has {now}: {tokens * before:,} -> "
+            f"{tokens * now:,} tokens per step{keep}")
+
+
+def check_compile(device):
+    """ torch.compile needs a C++ compiler (and Triton on a GPU): find out now, not at the first step """
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2, device=device))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [''])[0][:100]
+        die(f"torch.compile does not work here ({type(e).__name__}: {first}): "
+            f"install a C++ compiler, or set --torch_compile=False")
+
+
+@contextmanager
+def one_run_at_a_time(out_dir, on=True):
+    """ a second training run in a busy out_dir is refused in one line that names the first; the lock is the
+    operating system's (flock on out_dir/run.lock), so a run that crashes or is killed leaves none behind """
+    if not on or fcntl is None:  # Windows has no flock: no lock there
+        yield
+        return
+    f = open(os.path.join(out_dir, 'run.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip() or 'another process'
+        f.close()
+        die(f"{out_dir} is in use by another training run ({who}): wait for it to end, stop it, "
+            f"or set --out_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # and the lock with it
+
+
 def check_out_dir(out_dir):
     """ find out now, not after an hour of training, that checkpoints cannot be written """
     try:
@@ -868,6 +1003,9 @@ def load_data(cfg, checkpoint, training):
     if checkpoint and 0 < cfg.max_iters < checkpoint['step']:
         print(f"the checkpoint is at step {checkpoint['step']}, past --max_iters={cfg.max_iters}: "
               f"sampling only")
+    elif checkpoint and not training and cfg.max_iters == checkpoint['step'] > 0:
+        print(f"the checkpoint has finished its {cfg.max_iters} steps: sampling only "
+              f"(--max_iters=N trains it on to step N)")
     if training or not checkpoint:
         rank, world = rank_and_world()
         if rank > 0:
@@ -930,6 +1068,11 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
     """ the optimizer, a resumed run's random state, torch.compile and DDP, the log: what the loop needs """
     run.rank, run.world = rank_and_world()
     run.raw_model, run.tokenizer, run.splits, run.device, run.ctx = model, tokenizer, splits, device, ctx
+    run.text = text_stamp(cfg.input_file)
+    if checkpoint and checkpoint.get('processes', 1) != run.world:
+        print(processes_changed(checkpoint.get('processes', 1), run.world, cfg))
+    if cfg.torch_compile:
+        check_compile(device)
     run.optimizer = configure_optimizer(model, cfg, device)  # only here: slow to build, sampling needs none
     if checkpoint:  # a resumed run continues its optimizer and its random stream
         run.optimizer.load_state_dict(checkpoint['optimizer'])
@@ -942,11 +1085,8 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
             run.model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     run.ckpt_path, run.best_path, run.log_path = (
         os.path.join(cfg.out_dir, name) for name in ('ckpt.pt', 'best.pt', 'log.csv'))
-    if run.rank == 0 and not checkpoint:
-        keep_previous_run(cfg.out_dir)
-    if run.rank == 0 and (run.step == 0 or not os.path.exists(run.log_path)):
-        with open(run.log_path, 'w', newline='') as f:
-            csv.writer(f).writerow(['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss'])
+    if run.rank == 0:
+        start_log(run, cfg, checkpoint)
     run.batch_rows = cfg.batch_size * cfg.gradient_accumulation_steps * run.world
     run.tokens_per_step = run.batch_rows * cfg.block_size
     steps = f'as many steps as fit in {cfg.max_time} s' if run.budget else f'{run.max_iters - run.step} steps'
@@ -1080,7 +1220,38 @@ def pick_device(name):
     return dev
 
 
+class Console:
+    """ python gpt.py's output: a character the console cannot show prints as '?', and a reader that goes away
+    (python gpt.py | head) stops the run as SIGTERM does, saved and without a traceback """
+
+    def __init__(self, stream):
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='replace')
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+
+    def reader_gone(self):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # the rest goes nowhere, quietly
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 if __name__ == '__main__':
+    sys.stdout = Console(sys.stdout)
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
