@@ -7,6 +7,7 @@ names, made fast on CPU and GPU, with checkpoints, exact resume and sampling fro
     python gpt.py --max_iters=200        # any constant below can be set like this
     python gpt.py --help                 # every constant, its default and what it means
     python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO:"   # sample from the saved model
+    python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO: " --attention=True  # see each head
 
 On a CUDA GPU it runs the lecture's model (6 layers, 6 heads, n_embd 384, block 256, 5000 steps).
 On a CPU or Apple MPS it runs a smaller model that trains and samples in about 3 minutes.
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
@@ -77,6 +79,7 @@ grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
 gradient_accumulation_steps = 1  # micro-batches per step: a larger batch than fits in memory
 # sampling
 prompt = ''  # text the sample starts from; '' starts from the first character, as the lecture
+attention = False  # first draw each head's attention over the prompt into out_dir/attention.png
 num_samples = 1  # how many samples to print
 max_new_tokens = 500  # characters generated per sample
 temperature = 1.0  # 1 samples the model's distribution, lower is more conservative, 0 is greedy
@@ -86,6 +89,7 @@ preview_chars = 80  # at each evaluation, print this many characters sampled fro
 # I/O
 out_dir = 'out'  # checkpoints (ckpt.pt latest, best.pt best val), log.csv and the data cache
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'best' (from out_dir/best.pt)
+plot = True  # after each evaluation, draw the losses into out_dir/loss.png (when matplotlib is installed)
 # system
 device = 'auto'  # 'auto' (CUDA, else Apple MPS, else CPU), or 'cpu', 'cuda', 'cuda:1', 'mps'
 torch_compile = False  # compile the model with torch.compile: a slow start, then faster GPU steps
@@ -346,6 +350,8 @@ class Head(nn.Module):
         tril = torch.tril(torch.ones(config.block_size, config.block_size))
         self.register_buffer('tril', tril, persistent=False)  # a constant of the model, not a parameter
         self.dropout = nn.Dropout(config.dropout)
+        self.keep_wei = False  # True: forward keeps its softmaxed wei in self.wei, for the attention pictures
+        self.wei = None
 
     def forward(self, x):
         # input of size (batch, time-step, channels), output of size (batch, time-step, head size)
@@ -356,6 +362,8 @@ class Head(nn.Module):
         wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B,T,hs) @ (B,hs,T) -> (B,T,T)
         wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # (B,T,T)
         wei = F.softmax(wei, dim=-1)  # (B,T,T)
+        if self.keep_wei:  # not in the lecture: the attention pictures read wei here
+            self.wei = wei.detach()  # (B,T,T)
         wei = self.dropout(wei)
         # perform the weighted aggregation of the values
         v = self.value(x)  # (B,T,hs)
@@ -665,7 +673,8 @@ def no_checkpoint(path, model_class):
 
 def keep_previous_run(out_dir):
     """ a new run never overwrites a trained model: the last run's files move to out_dir/previous/<date> """
-    files = [n for n in ('ckpt.pt', 'best.pt', 'log.csv') if os.path.exists(os.path.join(out_dir, n))]
+    names = ('ckpt.pt', 'best.pt', 'log.csv', 'loss.png', 'attention.png')
+    files = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
     if not {'ckpt.pt', 'best.pt'} & set(files):
         return None
     when = time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(os.path.join(out_dir, files[0]))))
@@ -790,6 +799,7 @@ def after_evaluation(run, cfg, losses, last_step, t0):
         append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
                                   f"{get_lr(run.step, cfg, run.lr_decay_iters):.3e}", f"{run.elapsed:.1f}",
                                   '' if whole is None else f"{whole:.4f}"])
+        run.loss_curve.draw()  # out_dir/loss.png anew from log.csv
 
 
 def final_loss(run, cfg):
@@ -877,6 +887,192 @@ def sample(model, tokenizer, cfg, device, ctx):
 
 
 # ----------------------------------------------------------------------------------------------
+# pictures: the loss curve and each head's attention, drawn with matplotlib where it is installed
+# (it is optional: without it a run trains and samples as before, and says so once)
+
+def new_figure(width, height, layout=None):
+    """ a matplotlib figure (inches) drawn by Agg into a file: imported on first use, never a window, and
+    pyplot's global backend (a notebook's) left as it is """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path):
+    """ the figure as a PNG, written to a temporary file, then renamed: a reader never sees half a picture """
+    try:
+        with warnings.catch_warnings():  # a character the font lacks is drawn as a box, without a warning
+            warnings.simplefilter('ignore')
+            fig.savefig(path + '.tmp', format='png')
+        os.replace(path + '.tmp', path)
+    finally:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+
+
+def literal(text):
+    """ text that matplotlib shows as it is: a $ is a dollar sign, never the start of $math$ """
+    return text.replace('$', r'\$')
+
+
+def char_label(ch):
+    """ a character as a tick label: a space, a newline and a tab made visible """
+    return literal({' ': '\u2423', '\n': '\u21b5', '\t': '\u21e5'}.get(ch, ch))  # open box, return and tab arrows
+
+
+def attention_heads(model):
+    """ every Head of the model, grouped by the module that holds them (a layer's heads): {group: [(name, head)]} """
+    groups = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Head):
+            groups.setdefault(name.rpartition('.')[0] or name, []).append((name, module))
+    return groups
+
+
+def model_shape(model):
+    """ 'GPTLanguageModel: 6 layers, 6 heads, n_embd 384, block_size 256', counted from the model's own heads """
+    groups, c = attention_heads(model), model.config
+    layers, heads = len(groups), max(map(len, groups.values()), default=0)
+    shape = f"{layers} layer{'s' * (layers > 1)}, {heads} head{'s' * (heads > 1)}, n_embd {c.n_embd}, "
+    return f"{type(model).__name__}: {shape if groups else ''}block_size {c.block_size}"
+
+
+def device_name(device):
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == 'cuda' else str(device)
+
+
+def read_log(path):
+    """ log.csv as [(step, train_loss, val_loss, whole_val_loss or None)], a resumed run's whole history """
+    with open(path, newline='') as f:
+        return [(int(row['step']), float(row['train_loss']), float(row['val_loss']),
+                 float(row['whole_val_loss']) if row.get('whole_val_loss') else None) for row in csv.DictReader(f)]
+
+
+def draw_loss_curve(log_path, path, title):
+    """ train and val loss (the estimates) against the step, and the whole-split val loss as marked points """
+    rows = read_log(log_path)
+    fig = new_figure(7, 4.5)
+    ax = fig.add_subplot()
+    steps = [r[0] for r in rows]
+    ax.plot(steps, [r[1] for r in rows], '.-', label='train loss (estimate)')
+    ax.plot(steps, [r[2] for r in rows], '.-', label='val loss (estimate)')
+    whole = [(r[0], r[3]) for r in rows if r[3] is not None]
+    if whole:
+        ax.plot(*zip(*whole), 'D', color='black', label='val loss over the whole split')
+    ax.set(xlabel='step', ylabel='loss', title=literal(title))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.subplots_adjust(left=0.09, right=0.97, top=0.88, bottom=0.11)  # fixed margins: twice as fast as a layout engine
+    save_figure(fig, path)
+
+
+class LossCurve:
+    """ out_dir/loss.png, drawn anew from log.csv after each evaluation; a missing matplotlib, or any error while
+    drawing, is said in one line, once, and the run goes on without the picture """
+
+    def __init__(self, cfg, model, device, on=True):
+        self.log_path, self.path = os.path.join(cfg.out_dir, 'log.csv'), os.path.join(cfg.out_dir, 'loss.png')
+        self.title = f"{model_shape(model)}\non {device_name(device)}"
+        self.on = on
+
+    def draw(self):
+        if not self.on:
+            return
+        try:
+            draw_loss_curve(self.log_path, self.path, self.title)
+        except Exception as e:  # a picture never stops a run
+            self.on = False
+            why = ('cannot import matplotlib: pip install matplotlib' if isinstance(e, ImportError)
+                   else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}")
+            print(f"{self.path} is not drawn ({why}); the run goes on without it", flush=True)
+
+
+@contextmanager
+def keeping_attention(model):
+    """ for a while, every Head runs its own forward, the lecture's code, and keeps its softmaxed wei: the fused
+    kernel of MultiHeadAttention computes no wei, so it is turned off """
+    fused = {m: m.fused for m in model.modules() if isinstance(m, MultiHeadAttention)}
+    heads = [m for m in model.modules() if isinstance(m, Head)]
+    for m in fused:
+        m.fused = False
+    for h in heads:
+        h.keep_wei = True
+    try:
+        yield
+    finally:
+        for m, was_fused in fused.items():
+            m.fused = was_fused
+        for h in heads:
+            h.keep_wei, h.wei = False, None
+
+
+@torch.no_grad()
+def attention_maps(model, idx):
+    """ each head's softmaxed wei for one sequence idx (1,T), as its Head computes it in the model's forward:
+    {group: [(name, (T,T))]}, row t the query at position t, column s how much it attends to the key at s """
+    groups = attention_heads(model)
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        with keeping_attention(model):
+            model(idx)
+            for name, head in (nh for heads in groups.values() for nh in heads):
+                if head.wei is None:
+                    die(f"{name} computed no attention weights in {type(model).__name__}'s forward: cannot draw them")
+            maps = {g: [(name, head.wei[0].float().cpu()) for name, head in heads] for g, heads in groups.items()}
+    finally:
+        model.train(was_training)
+    return maps
+
+
+def draw_attention(maps, chars, path, title):
+    """ one heatmap per head, a row of them per layer: row t shows how much the character at t attends to each one """
+    T, rows, cols = len(chars), len(maps), max(map(len, maps.values()))
+    size = min(max(2.5, 0.16 * T + 1), 8)  # inches per head: room for a tick label per character of a short prompt
+    fig = new_figure(size * cols + 1, size * rows + 0.8, layout='constrained')
+    labels = [char_label(c) for c in chars]
+    ticks = range(0, T, math.ceil(T / 48))  # at most 48 labels on an axis
+    for r, heads in enumerate(maps.values()):
+        for c, (name, wei) in enumerate(heads):
+            ax = fig.add_subplot(rows, cols, r * cols + c + 1)
+            image = ax.imshow(wei.numpy(), cmap='Blues', vmin=0, vmax=1)  # 0 is white: the masked future is blank
+            ax.set_title(name, fontsize=9)
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([labels[i] for i in ticks], fontsize=7)
+            ax.set_yticks(ticks)
+            ax.set_yticklabels([labels[i] for i in ticks], fontsize=7)
+            ax.set(xlabel='key (attended to)' if r == rows - 1 else '', ylabel='query (attending)' if c == 0 else '')
+    fig.colorbar(image, ax=fig.axes, shrink=0.6, label='attention weight')
+    fig.suptitle(literal(title))
+    save_figure(fig, path)
+
+
+def draw_prompt_attention(model, tokenizer, cfg, device):
+    """ --attention=True: each head's attention over the prompt's characters, into out_dir/attention.png """
+    block_size = model.config.block_size
+    text = cfg.prompt[-block_size:]  # the context the model sees when it samples the next character
+    if len(text) < len(cfg.prompt):
+        print(f"attention: the prompt is longer than block_size {block_size}; drawing its last {block_size} characters")
+    idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)  # (1,T)
+    path = os.path.join(cfg.out_dir, 'attention.png')
+    draw_attention(attention_maps(model, idx), text, path, f"{model_shape(model)}\nattention over {text!r}")
+    print(f"attention of each head over the prompt: {path}", flush=True)
+
+
+def check_pictures(cfg):
+    """ --attention=True needs a prompt to draw and matplotlib to draw it with """
+    if cfg.attention and not cfg.prompt:
+        die("--attention=True draws each head's attention over the prompt: give one, e.g. --prompt=\"ROMEO: \"")
+    if cfg.attention:
+        try:
+            new_figure(1, 1)
+        except ImportError:
+            die("--attention=True draws with matplotlib, which cannot be imported: pip install matplotlib")
+
+
+# ----------------------------------------------------------------------------------------------
 # the run, in the lecture's order: settings, device, seed, data, model, optimizer, train, sample
 
 def main(argv=(), model_class=None, defaults=None):
@@ -902,6 +1098,8 @@ def main(argv=(), model_class=None, defaults=None):
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:  # generate from the model
+        if cfg.attention:  # each head's attention over the prompt, into out_dir/attention.png
+            draw_prompt_attention(model, tokenizer, cfg, device)
         sample(model, tokenizer, cfg, device, ctx)
     return model
 
@@ -1034,6 +1232,8 @@ def build_model(model_class, vocab_size, cfg, checkpoint, device):
     shape = {k: v for k, v in shape.items() if k in GPTConfig.__dataclass_fields__}  # older versions' too
     config = GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})
     model = model_class(config).to(device)
+    if cfg.attention and not attention_heads(model):  # found out before any training
+        die(f"{type(model).__name__} has no heads of self-attention to draw: drop --attention=True")
     if checkpoint:
         try:
             model.load_state_dict(checkpoint['model'])
@@ -1087,6 +1287,7 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
         os.path.join(cfg.out_dir, name) for name in ('ckpt.pt', 'best.pt', 'log.csv'))
     if run.rank == 0:
         start_log(run, cfg, checkpoint)
+    run.loss_curve = LossCurve(cfg, model, device, on=cfg.plot and run.rank == 0)
     run.batch_rows = cfg.batch_size * cfg.gradient_accumulation_steps * run.world
     run.tokens_per_step = run.batch_rows * cfg.block_size
     steps = f'as many steps as fit in {cfg.max_time} s' if run.budget else f'{run.max_iters - run.step} steps'
@@ -1182,6 +1383,7 @@ def check_config(cfg):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
+    check_pictures(cfg)
 
 
 def resume_config(cfg, overrides, checkpoint, path):
@@ -1195,7 +1397,7 @@ def resume_config(cfg, overrides, checkpoint, path):
     if overrides.get('max_time', saved.get('max_time')) != saved.get('max_time'):
         die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
             f"set --max_iters=N to train it longer")
-    per_call = ('init_from', 'out_dir', 'device')  # where the checkpoint is and what runs it: this call's
+    per_call = ('init_from', 'out_dir', 'device', 'attention')  # where the checkpoint is and what runs it: this call's
     loop = ('lr_decay_iters', 'planned')  # the loop's state, not settings: see loop_state
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in overrides.items()
                if k in saved and k not in per_call and saved[k] != v]
