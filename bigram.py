@@ -25,6 +25,7 @@ defaults = dict(
     min_lr=1e-3,  # the learning rate decays to this at max_iters
     dropout=0.0,  # nothing to drop out
     beta2=0.99,  # AdamW beta2 (gpt.py's 0.95 on a CPU is for its 3-minute run)
+    optimizer='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)
     out_dir='out-bigram',  # its checkpoints apart from gpt.py's
 )
 # ----------------------------------------------------------------------------------------------

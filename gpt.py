@@ -15,8 +15,10 @@ On a CPU or Apple MPS it runs a smaller model that trains and samples in about 3
 import ast
 import csv
 import difflib
+import gc
 import errno
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -54,9 +56,9 @@ data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tiny
 data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 # model
 block_size = 256 if cuda else 64  # what is the maximum context length for predictions?
-n_embd = 384 if cuda else 96  # width of the embedding of each token
-n_head = 6 if cuda else 3  # attention heads per block; n_embd must be divisible by n_head
-n_layer = 6 if cuda else 2  # transformer blocks; in 3 CPU minutes, many steps of a small model win
+n_embd = 384 if cuda else 128  # width of the embedding of each token
+n_head = 6 if cuda else 4  # attention heads per block; n_embd must be divisible by n_head
+n_layer = 6 if cuda else 2  # transformer blocks; in 3 CPU minutes, 2 wide ones beat 3 narrow ones
 dropout = 0.2 if cuda else 0.0  # 0 on CPU: 3 minutes cannot overfit, and attention stays fused
 activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, a little better)
 position_embedding = 'learned'  # 'learned' (the lecture's table) or 'sinusoidal' (fixed sin/cos)
@@ -76,6 +78,9 @@ weight_decay = 0.1 if cuda else 0.0  # AdamW weight decay on weight matrices onl
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99 if cuda else 0.95  # AdamW beta2; below 0.999 since each step sees few tokens
 grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
+optimizer = 'adamw' if cuda else 'muon'  # 'adamw' (the lecture's), or 'muon' for the blocks' weight matrices
+muon_lr_scale = 2.0  # Muon's learning rate: learning_rate times this, on the same schedule
+muon_momentum = 0.9  # Muon's (Nesterov) momentum; 0.95 is usual, 0.9 suits a short run
 gradient_accumulation_steps = 1  # micro-batches per step: a larger batch than fits in memory
 # sampling
 prompt = ''  # text the sample starts from; '' starts from the first character, as the lecture
@@ -229,10 +234,13 @@ def load_splits(cfg, checkpoint=None):
         download(cfg.data_url, cfg.data_sha256, cfg.input_file)
     chars, data = prepare_data(cfg.input_file, cfg.out_dir)
     if checkpoint and ''.join(chars) != checkpoint['chars']:
+        learned = checkpoint['config']['input_file']
+        what = f"{cfg.input_file} has changed since the model learned it" if os.path.abspath(cfg.input_file) == \
+            os.path.abspath(learned) else f"{cfg.input_file} is not the text the model learned ({learned})"
         new = ''.join(sorted(set(chars) - set(checkpoint['chars'])))
         gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
-        die(f"{cfg.input_file} has changed since the model learned it, and so have its characters (new: "
-            f"{new[:20]!r}, gone: {gone[:20]!r}): restore the text it learned, or train a new model with --out_dir")
+        die(f"{what}, and its vocabulary differs (new: {new[:20]!r}, gone: {gone[:20]!r}): "
+            f"resume on the text it learned, or train a new model with another --out_dir")
     if checkpoint and checkpoint.get('text', text_stamp(cfg.input_file)) != text_stamp(cfg.input_file):
         print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved (same characters): "
               f"training goes on with the text as it is now")
@@ -301,14 +309,15 @@ def final_windows(data, block_size, max_tokens=1 << 17):
 @torch.no_grad()
 def whole_split_loss(model, data, cfg, device, ctx, stop=()):
     """ the mean loss over the windows of final_windows: exact over a split up to 131,072 characters; None when
-    a stop (Ctrl-C, SIGTERM) comes first, as it may in the minutes a huge split would take """
+    a stop (Ctrl-C, SIGTERM) comes while it runs """
+    asked = len(stop)  # a stop that came before is not one to skip this for
     rank, world = rank_and_world()
     T, B = cfg.block_size, 4 * cfg.batch_size  # forward only: 4 times the batch fits
     starts, _ = final_windows(data, T)
     total = torch.zeros(2, device=device)  # the sum of window losses, and whether a process was stopped
     model.eval()
     for i in range(rank * B, len(starts), world * B):  # under torchrun each process takes its share
-        if stop:
+        if len(stop) > asked:
             total[1] = 1
             break
         w = torch.from_numpy(data[starts[i:i + B, None] + np.arange(T + 1)].astype(np.int64))  # (B,T+1)
@@ -553,16 +562,94 @@ def loop_state(cfg, checkpoint, t_begin):
         resumed_at=step if checkpoint else None,  # evaluated and saved already
         training=cfg.max_time > 0 and not planned or step < cfg.max_iters,
         saved_step=step if checkpoint else None, stop=[],  # a new run saves even at step 0
-        eval_s=0.0, char_s=0.0, marks=[])
+        eval_s=0.0, char_s=0.0, marks=[], t_timed=None)
 
 
 def configure_optimizer(model, cfg, device):
-    """ AdamW with weight decay on the weight matrices only (not on biases and layer norms) """
-    params = [p for p in model.parameters() if p.requires_grad]
+    """ AdamW with weight decay on the weight matrices only (not on biases and layer norms); with optimizer='muon',
+    Muon for the weight matrices inside the blocks, and AdamW for the rest: embeddings, lm_head, biases, norms """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if cfg.optimizer == 'muon' and n.startswith('blocks.') and p.dim() == 2]
+    params = [p for n, p in named if all(p is not m for m in matrices)]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     fused = device.type in ('cuda', 'cpu')  # one kernel for the whole update, where PyTorch has it
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if not matrices:
+        return adamw
+    muon = Muon(matrices, lr=cfg.learning_rate, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                lr_scale=cfg.muon_lr_scale)
+    return MuonWithAdamW(muon, adamw)
+
+
+def newton_schulz(G, steps=5, eps=1e-7):
+    """
+    Orthogonalize G = U S V^T to about U V^T (its singular values moved into ~[0.7, 1.2]) by 5 steps of a
+    quintic Newton-Schulz iteration. torch.optim.Muon does this in bfloat16, which a CPU without native bf16
+    runs ~15x slower than float32, so this is the same iteration in float32. G may be a batch (N,A,B).
+    """
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.float()
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # work on the wide side: X @ X^T is then the smaller matrix
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm = 1
+    for _ in range(steps):
+        A = X @ X.mT  # (N,A,A)
+        B = b * A + c * A @ A  # (N,A,A)
+        X = a * X + B @ X  # (N,A,B)
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """ Muon (MomentUm Orthogonalized by Newton-Schulz) for 2-D weight matrices: SGD with Nesterov momentum,
+    each matrix's update orthogonalized, so that every direction of it moves by about the same amount """
+
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, lr_scale=1.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale))
+
+    @torch.no_grad()
+    def step(self):
+        by_shape = {}  # same-shaped matrices go through Newton-Schulz together: these small ones cost in calls
+        for group in self.param_groups:
+            for p in (p for p in group['params'] if p.grad is not None):
+                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group['momentum'])  # buf = momentum * buf + (1 - momentum) * grad
+                update = p.grad.lerp(buf, group['momentum'])  # Nesterov: a look one step ahead
+                by_shape.setdefault(p.shape, []).append((group, p, update))
+        for (A, B), items in by_shape.items():
+            orthogonal = newton_schulz(torch.stack([update for _, _, update in items]))  # (N,A,B)
+            for (group, p, _), O in zip(items, orthogonal):
+                # as torch.optim.Muon(adjust_lr_fn='match_rms_adamw'): the update's RMS is about AdamW's,
+                # so one learning rate and one schedule serve both
+                p.mul_(1 - group['lr'] * group['weight_decay'])
+                p.add_(O, alpha=-group['lr'] * 0.2 * math.sqrt(max(A, B)))
+
+
+class MuonWithAdamW:
+    """ Muon and AdamW stepped as one optimizer: one list of param_groups for the schedule, one state_dict """
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):  # read anew each time: load_state_dict replaces each optimizer's groups
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self):
+        return dict(muon=self.muon.state_dict(), adamw=self.adamw.state_dict())
+
+    def load_state_dict(self, state_dict):
+        self.muon.load_state_dict(state_dict['muon'])
+        self.adamw.load_state_dict(state_dict['adamw'])
 
 
 def get_lr(step, cfg, decay_iters):
@@ -577,24 +664,33 @@ def get_lr(step, cfg, decay_iters):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's matrices may take a multiple of it
 
 
 def time_budget(run, cfg):
-    """ time 4 x 10 steps of the warmup (steps 10 to 50), then plan the last step to end within max_time """
-    k = run.step - run.start_step
+    """ time 4 x 10 steps of the warmup (steps 10 to 50) and plan the last step to end within max_time; plan
+    again before each evaluation from the steps timed since, so that the whole budget is spent """
+    k, now = run.step - run.start_step, time.time()
     if k in (10, 20, 30, 40, 50):
-        run.marks.append(time.time())
+        run.marks.append(now)
     if k == 50:
         tens = sorted(b - a for a, b in zip(run.marks, run.marks[1:]))
-        step_s = sum(tens[1:3]) / 20  # the median of the four: a busy moment is left out
-        run.max_iters, final_s = plan_steps(cfg, run.device, run.step, step_s, time.time() - run.t_start,
-                                            run.eval_s, run.char_s, len(final_windows(run.splits['val'], cfg.block_size)[0]) * cfg.block_size)
-        run.lr_decay_iters, run.planned, run.budget = run.max_iters, True, False
-        run.deadline = run.t_start + 0.975 * cfg.max_time - final_s
+        plan(run, cfg, sum(tens[1:3]) / 20)  # the median of the four: a busy moment is left out
+        run.t_timed, run.step_timed = now, run.step  # from here on, the time of every step counts
+    elif k > 50 and run.step % cfg.eval_interval == 0 and run.step < run.max_iters:
+        plan(run, cfg, (now - run.t_timed) / (run.step - run.step_timed))
 
 
-def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens):
+def plan(run, cfg, step_s):
+    """ the run's last step, the end of its schedule and its deadline, from the seconds a step takes """
+    val_tokens = len(final_windows(run.splits['val'], cfg.block_size)[0]) * cfg.block_size
+    run.max_iters, final_s = plan_steps(cfg, run.device, run.step, step_s, time.time() - run.t_start,
+                                        run.eval_s, run.char_s, val_tokens, run.planned)  # quiet when planned
+    run.lr_decay_iters, run.planned = run.max_iters, True
+    run.deadline = run.t_start + 0.985 * cfg.max_time - final_s  # past it, the machine has slowed down
+
+
+def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens, quiet=False):
     """
     The time budget: the most steps (a multiple of 50) whose training, evaluations, whole-split loss and
     sample end within max_time, from the measured seconds of a step, of estimate_loss and of sampling a
@@ -613,8 +709,9 @@ def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens):
         n = n.item()
     evals = n // cfg.eval_interval - step // cfg.eval_interval
     end = elapsed + (n - step) * step_s + evals * eval_s + final_s
-    print(f"time budget {cfg.max_time} s: {n} steps at {step_s * 1000:.0f} ms/step, "
-          f"done at about {format_time(end)}", flush=True)
+    if not quiet:
+        print(f"time budget {cfg.max_time} s: {n} steps at {step_s * 1000:.0f} ms/step, "
+              f"done at about {format_time(end)}", flush=True)
     return n, final_s
 
 
@@ -741,13 +838,13 @@ def train(run, cfg):
         last_step = step == run.max_iters  # the loop runs max_iters + 1 times: it evaluates and saves last
 
         # every once in a while evaluate the loss on train and val sets
-        if (step % cfg.eval_interval == 0 and not run.stop or last_step) and step != run.resumed_at:
+        if (step % cfg.eval_interval == 0 and not run.stopping or last_step) and step != run.resumed_at:
             t0 = time.time()
             losses = estimate_loss(model, run.splits, cfg, run.device, run.ctx)
             run.eval_s = time.time() - t0
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
             after_evaluation(run, cfg, losses, last_step, t0)
-        if step >= run.max_iters or run.stop:
+        if step >= run.max_iters or run.stopping:
             break
 
         # sample a batch of data (every process draws the same one and trains on its share)
@@ -765,6 +862,7 @@ def train(run, cfg):
         optimizer.step()
         run.step += 1
         after_step(run, cfg, loss)
+    run.stop[:] = run.stopping  # main() ends every process the same way
     if run.rank == 0 and run.saved_step != run.step:  # stopped between evaluations
         save_checkpoint(run.ckpt_path, run, cfg)
     print(f"saved {run.ckpt_path} at step {run.step} ({format_time(run.elapsed)})", flush=True)
@@ -794,7 +892,9 @@ def after_evaluation(run, cfg, losses, last_step, t0):
             save_checkpoint(run.ckpt_path, run, cfg)
             run.saved_step = run.step
     whole = final_loss(run, cfg) if last_step else None
-    run.t_log += time.time() - t0  # ms/step counts training steps only
+    run.t_log += time.time() - t0  # ms/step counts training steps only, and so does the time budget
+    if run.t_timed:
+        run.t_timed += time.time() - t0
     if run.rank == 0:
         append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
                                   f"{get_lr(run.step, cfg, run.lr_decay_iters):.3e}", f"{run.elapsed:.1f}",
@@ -828,10 +928,11 @@ def after_step(run, cfg, loss):
     """ after a step: the loss and a stop shared by all processes, the deadline, a NaN check, progress """
     lossf, late = loss.item(), float(run.deadline is not None and time.time() > run.deadline)
     if run.world > 1:  # the mean loss of all processes; a signal to one, or a deadline, stops them all
-        shared = torch.tensor([lossf / run.world, max(run.stop, default=0), late], device=run.device)
-        torch.distributed.all_reduce(shared)
-        lossf, late = shared[0].item(), shared[2].item()
-        run.stop[:] = run.stop or ([int(shared[1].item())] if shared[1].item() else [])
+        signals = [signal.SIGTERM in run.stop, signal.SIGINT in run.stop]
+        shared = torch.tensor([lossf / run.world, *signals, late], device=run.device)
+        torch.distributed.all_reduce(shared)  # a sum: each signal as the number of processes that had it
+        lossf, late = shared[0].item(), shared[3].item()
+        run.stopping[:] = [sig for sig, n in zip((signal.SIGTERM, signal.SIGINT), shared[1:3].tolist()) if n]
     if late and run.step < run.max_iters:  # the plan is kept unless the machine slows down after it
         print(f"time budget: this machine has slowed down since the plan, so the run ends now, "
               f"at step {run.step}")
@@ -1078,6 +1179,8 @@ def check_pictures(cfg):
 def main(argv=(), model_class=None, defaults=None):
     """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py pass their own model """
     t_begin = time.time()  # a new run's clock, and its time budget, start here
+    if os.environ.get('RANK', '0') != '0':  # under torchrun only the first process prints, saves and samples
+        sys.stdout = open(os.devnull, 'w')
     model_class = model_class or GPTLanguageModel
     cfg, checkpoint = settings(argv, defaults, model_class)
     device = start_processes(cfg)
@@ -1096,6 +1199,8 @@ def main(argv=(), model_class=None, defaults=None):
             raise SystemExit(128 + signal.SIGTERM)
     rank, world = rank_and_world()
     if world > 1:
+        run.model = None  # DistributedDataParallel freed before its process group: left to the exit, it aborts a
+        gc.collect()  # process now and then ("terminate called without an active exception")
         torch.distributed.destroy_process_group()
     if rank == 0:  # generate from the model
         if cfg.attention:  # each head's attention over the prompt, into out_dir/attention.png
@@ -1134,8 +1239,6 @@ def start_processes(cfg):
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
         torch.cuda.set_device(device)
-    if torch.distributed.get_rank() > 0:
-        sys.stdout = open(os.devnull, 'w')  # only the first process prints, saves and samples
     return device
 
 
@@ -1146,6 +1249,13 @@ def processes_changed(before, now, cfg):
     keep = f": set --gradient_accumulation_steps={accum:.0f} to keep them" if accum == int(accum) else ''
     return (f"the checkpoint was trained by {before} processes, this run has {now}: {tokens * before:,} -> "
             f"{tokens * now:,} tokens per step{keep}")
+
+
+def no_buffer_sync():
+    """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at every forward:
+    forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return dict(forward_sync_buffers=False) if 'forward_sync_buffers' in parameters else dict(broadcast_buffers=False)
 
 
 def check_compile(device):
@@ -1267,6 +1377,10 @@ def describe(model, tokenizer, device, ctx):
 def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
     """ the optimizer, a resumed run's random state, torch.compile and DDP, the log: what the loop needs """
     run.rank, run.world = rank_and_world()
+    # a signal reaches each process at its own moment, maybe one before a step's all_reduce and another after:
+    # so under torchrun the loop acts on the signals all processes agree on at that all_reduce, run.stopping,
+    # and every process stops after the same step (one that stopped alone would leave the others waiting)
+    run.stopping = run.stop if run.world == 1 else []
     run.raw_model, run.tokenizer, run.splits, run.device, run.ctx = model, tokenizer, splits, device, ctx
     run.text = text_stamp(cfg.input_file)
     if checkpoint and checkpoint.get('processes', 1) != run.world:
@@ -1282,7 +1396,7 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
     run.model = torch.compile(model) if cfg.torch_compile else model
     if run.world > 1:
         run.model = torch.nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+            run.model, device_ids=[device.index] if device.type == 'cuda' else None, **no_buffer_sync())
     run.ckpt_path, run.best_path, run.log_path = (
         os.path.join(cfg.out_dir, name) for name in ('ckpt.pt', 'best.pt', 'log.csv'))
     if run.rank == 0:
@@ -1364,13 +1478,13 @@ def check_config(cfg):
         if getattr(cfg, name) <= 0:
             die(f"{name} must be positive, not {getattr(cfg, name)}")
     for name in ('max_iters', 'max_time', 'max_new_tokens', 'learning_rate', 'min_lr', 'warmup_iters',
-                 'weight_decay', 'grad_clip', 'temperature', 'top_k', 'preview_chars'):
+                 'weight_decay', 'grad_clip', 'temperature', 'top_k', 'preview_chars', 'muon_lr_scale'):
         if getattr(cfg, name) < 0:
             die(f"{name} must not be negative, not {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}), "
             f"e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
-    for name in ('dropout', 'beta1', 'beta2'):
+    for name in ('dropout', 'beta1', 'beta2', 'muon_momentum'):
         if not 0 <= getattr(cfg, name) < 1:
             die(f"{name} must be at least 0 and below 1, not {getattr(cfg, name)}")
     if not 0 <= cfg.seed < 2 ** 63:
@@ -1379,7 +1493,7 @@ def check_config(cfg):
         die(f"temperature {cfg.temperature} is too small to sample with: "
             f"use --temperature=0 for greedy decoding")
     choices = dict(activation=('relu', 'gelu'), position_embedding=('learned', 'sinusoidal'),
-                   init_from=('scratch', 'resume', 'best'))
+                   optimizer=('adamw', 'muon'), init_from=('scratch', 'resume', 'best'))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
@@ -1388,7 +1502,8 @@ def check_config(cfg):
 
 def resume_config(cfg, overrides, checkpoint, path):
     """ a resumed run is the same run: the checkpoint's settings, then the command line's, in one line """
-    saved, shape = checkpoint['config'], checkpoint['model_args']
+    saved = {'optimizer': 'adamw', **checkpoint['config']}  # a checkpoint from before Muon: AdamW's state
+    shape = {**checkpoint['model_args'], 'optimizer': saved['optimizer']}  # its state fits no other optimizer
     fixed = [k for k, v in overrides.items()
              if k in shape and v != shape[k] and k not in ('dropout', 'fused_attention')]
     if fixed:
@@ -1452,9 +1567,33 @@ class Console:
         return getattr(self.stream, name)
 
 
+def fail_under_torchrun(e):
+    """
+    Under torchrun, an error reads as one line at the end of the output: the root cause in the report torchrun
+    prints when a process fails. die()'s message goes to the error file torchrun gives each process, not to
+    stderr where every process would print it. A process other than the first waits 2 s first: if the first
+    failed too (the same settings, or this one's collective lost it), torchrun stops this one in the meantime
+    and reports the first; otherwise this one's error is reported, as it would be alone.
+    """
+    if 'TORCHELASTIC_RUN_ID' not in os.environ or isinstance(e, SystemExit) and not isinstance(e.code, str):
+        return  # not under torchrun, or an exit that is not an error message (SIGTERM's 143, --help)
+    if os.environ.get('RANK', '0') != '0':
+        time.sleep(2)
+    if isinstance(e, SystemExit) and os.environ.get('TORCHELASTIC_ERROR_FILE'):
+        try:
+            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+                json.dump(dict(message=dict(message=e.code, extraInfo=dict(timestamp=str(int(time.time()))))), f)
+        except OSError:
+            return  # printed on stderr after all
+        raise SystemExit(1) from None
+
+
 if __name__ == '__main__':
     sys.stdout = Console(sys.stdout)
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
         raise SystemExit(130)
+    except BaseException as e:
+        fail_under_torchrun(e)
+        raise

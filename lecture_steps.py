@@ -37,6 +37,7 @@ defaults = dict(
     weight_decay=0.01,  # torch.optim.AdamW's default; gpt.py decays the 2-D weights only (the lecture: all)
     beta1=0.9,  # torch.optim.AdamW's default
     beta2=0.999,  # torch.optim.AdamW's default
+    optimizer='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)
     grad_clip=0.0,  # the lecture does not clip the gradient
 )
 # ----------------------------------------------------------------------------------------------

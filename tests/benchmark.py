@@ -8,8 +8,9 @@ Training and sampling speed of gpt.py's model against the lecture's own model of
 Both models are built here with the same sizes and timed in one process, alternating A B A B, so
 a machine that drifts in speed affects both alike. Training: forward, backward and AdamW step on
 random batches (each model trained as its own file trains it). Sampling: characters per second
-from one sequence. Last, the model FLOP/s of a training step as a share of what a large fp32
-matmul reaches on this machine in the same run. Run by hand; pytest does not collect it (its name does not start with test_).
+from one sequence. Then the model FLOP/s of a training step as a share of what a large fp32
+matmul reaches on this machine in the same run. Last, gpt.py's model trained with AdamW and with
+Muon side by side: the time of a whole step and the optimizer's share of it. Run by hand; pytest does not collect it (its name does not start with test_).
 """
 import argparse
 import os
@@ -140,7 +141,7 @@ def main():
     config = gpt.GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_embd=a.n_embd, n_head=a.n_head,
                            n_layer=a.n_layer, dropout=a.dropout, activation=a.activation)
     ours = gpt.GPTLanguageModel(config).to(device)
-    cfg, _ = gpt.get_config(['--weight_decay=0.1'])
+    cfg, _ = gpt.get_config(['--weight_decay=0.1', '--optimizer=adamw'])  # as the lecture's model trains
     ours_opt = gpt.configure_optimizer(ours, cfg, device)
     lecture = LectureGPT(a.vocab_size, a.n_embd, a.n_head, a.n_layer, a.block_size, a.dropout).to(device)
     lecture_opt = torch.optim.AdamW(lecture.parameters(), lr=3e-4)
@@ -202,6 +203,40 @@ def main():
     sratios = sorted(o / l for o, l in zip(chr_s['ours'], chr_s['lecture']))
     print(f"sampling: ours {med(chr_s['ours']):,.0f} chars/s, lecture {med(chr_s['lecture']):,.0f} chars/s, "
           f"ratio {med(sratios):.2f}x")
+    optimizer_share(a, config, device, ctx, x, y, med)
+
+
+def optimizer_share(a, config, device, ctx, x, y, med):
+    """ a step of gpt.py's model with AdamW and with Muon, alternating, and the optimizer's share of each """
+    models, optimizers = {}, {}
+    for name in ('adamw', 'muon'):
+        torch.manual_seed(0)
+        models[name] = gpt.GPTLanguageModel(config).to(device)
+        optimizers[name] = gpt.configure_optimizer(models[name], gpt.get_config([f'--optimizer={name}'])[0], device)
+    step_s, opt_s = {k: [] for k in models}, {k: [] for k in models}
+    for r in range(a.rounds + 1):  # the first round warms up
+        for name, model in models.items():
+            total = in_optimizer = 0.0
+            for _ in range(a.steps):
+                sync(device)
+                t0 = time.perf_counter()
+                with ctx:
+                    _, loss = model(x, y)
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                sync(device)
+                t1 = time.perf_counter()
+                optimizers[name].step()
+                sync(device)
+                total, in_optimizer = total + time.perf_counter() - t0, in_optimizer + time.perf_counter() - t1
+            if r:
+                step_s[name].append(total / a.steps)
+                opt_s[name].append(in_optimizer / a.steps)
+    for name in models:
+        print(f"{name}: {med(step_s[name]) * 1000:.1f} ms a step, {med(opt_s[name]) * 1000:.1f} ms of it in the "
+              f"optimizer ({100 * med(opt_s[name]) / med(step_s[name]):.0f}%)")
+    ratios = sorted(m / w for m, w in zip(step_s['muon'], step_s['adamw']))
+    print(f"a Muon step takes {med(ratios):.2f}x an AdamW step (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)")
 
 
 if __name__ == '__main__':

@@ -103,7 +103,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, monke
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=8, n_head=2, n_layer=1))
     optimizer = torch.optim.AdamW(model.parameters())
     cfg, _ = gpt.get_config([])
-    run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, optimizer=optimizer,
+    run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, optimizer=optimizer, text={}, world=1,
                               tokenizer=gpt.CharTokenizer('abc'), max_iters=20, lr_decay_iters=20, planned=True)
     with pytest.raises(SystemExit, match='previous checkpoint is intact'):
         gpt.save_checkpoint(path, run, cfg)
