@@ -56,9 +56,9 @@ data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tiny
 data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 # model
 block_size = 256 if cuda else 64  # what is the maximum context length for predictions?
-n_embd = 384 if cuda else 128  # width of the embedding of each token
-n_head = 6 if cuda else 4  # attention heads per block; n_embd must be divisible by n_head
-n_layer = 6 if cuda else 2  # transformer blocks; in 3 CPU minutes, 2 wide ones beat 3 narrow ones
+n_embd = 384 if cuda else 96  # width of the embedding of each token
+n_head = 6 if cuda else 3  # attention heads per block; n_embd must be divisible by n_head
+n_layer = 6 if cuda else 2  # transformer blocks; in 3 CPU minutes, many steps of a small model win
 dropout = 0.2 if cuda else 0.0  # 0 on CPU: 3 minutes cannot overfit, and attention stays fused
 activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, a little better)
 position_embedding = 'learned'  # 'learned' (the lecture's table) or 'sinusoidal' (fixed sin/cos)
@@ -74,7 +74,7 @@ log_interval = 100  # print progress every this many steps
 learning_rate = 1e-3 if cuda else 6e-3  # peak learning rate after the warmup (the lecture: 3e-4, flat)
 min_lr = 1e-4 if cuda else 6e-4  # the cosine decays to this, a tenth of the peak, at the last step
 warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
-weight_decay = 0.1 if cuda else 0.0  # AdamW weight decay on weight matrices only; 3 minutes need none
+weight_decay = 0.1  # weight decay on the weight matrices only (not biases and norms), AdamW's and Muon's
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99 if cuda else 0.95  # AdamW beta2; below 0.999 since each step sees few tokens
 grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
@@ -206,7 +206,7 @@ def prepare_data(path, cache_dir):
 
 
 def text_stamp(path):
-    """ the text file's size and time of last change: a new encoding, or a note when a resumed text changed """
+    """ the text file's size and time of last change: a new encoding, or a note when a text changed """
     st = os.stat(path)
     return dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
 
@@ -235,15 +235,16 @@ def load_splits(cfg, checkpoint=None):
     chars, data = prepare_data(cfg.input_file, cfg.out_dir)
     if checkpoint and ''.join(chars) != checkpoint['chars']:
         learned = checkpoint['config']['input_file']
-        what = f"{cfg.input_file} has changed since the model learned it" if os.path.abspath(cfg.input_file) == \
-            os.path.abspath(learned) else f"{cfg.input_file} is not the text the model learned ({learned})"
+        same_file = os.path.abspath(cfg.input_file) == os.path.abspath(learned)
+        what = (f"{cfg.input_file} has changed since the model learned it" if same_file
+                else f"{cfg.input_file} is not the text the model learned ({learned})")
         new = ''.join(sorted(set(chars) - set(checkpoint['chars'])))
         gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
         die(f"{what}, and its vocabulary differs (new: {new[:20]!r}, gone: {gone[:20]!r}): "
             f"resume on the text it learned, or train a new model with another --out_dir")
     if checkpoint and checkpoint.get('text', text_stamp(cfg.input_file)) != text_stamp(cfg.input_file):
-        print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved (same characters): "
-              f"training goes on with the text as it is now")
+        print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved "
+              f"(same characters): training goes on with the text as it is now")
     n = int(0.9 * len(data))  # first 90% will be train, rest val
     splits = dict(train=data[:n], val=data[n:])
     for split, d in splits.items():
@@ -299,8 +300,8 @@ def estimate_loss(model, splits, cfg, device, ctx):
 
 
 def final_windows(data, block_size, max_tokens=1 << 17):
-    """ where the final loss reads the val split: every block_size window of a split up to max_tokens long (all
-    of tiny Shakespeare's 111,540 characters), else max_tokens worth of windows spread evenly over it """
+    """ where the final loss reads the val split: every block_size window of a split up to max_tokens
+    long (all of tiny Shakespeare's 111,540 characters), else max_tokens' worth spread evenly over it """
     n = (len(data) - 1) // block_size  # non-overlapping windows in the split
     used = min(n, max(1, max_tokens // block_size))
     return np.linspace(0, n - 1, used).round().astype(np.int64) * block_size, n  # window starts, of n
@@ -308,8 +309,8 @@ def final_windows(data, block_size, max_tokens=1 << 17):
 
 @torch.no_grad()
 def whole_split_loss(model, data, cfg, device, ctx, stop=()):
-    """ the mean loss over the windows of final_windows: exact over a split up to 131,072 characters; None when
-    a stop (Ctrl-C, SIGTERM) comes while it runs """
+    """ the mean loss over the windows of final_windows: exact over a split up to 131,072 characters;
+    None when a stop (Ctrl-C, SIGTERM) comes while it runs """
     asked = len(stop)  # a stop that came before is not one to skip this for
     rank, world = rank_and_world()
     T, B = cfg.block_size, 4 * cfg.batch_size  # forward only: 4 times the batch fits
@@ -566,8 +567,9 @@ def loop_state(cfg, checkpoint, t_begin):
 
 
 def configure_optimizer(model, cfg, device):
-    """ AdamW with weight decay on the weight matrices only (not on biases and layer norms); with optimizer='muon',
-    Muon for the weight matrices inside the blocks, and AdamW for the rest: embeddings, lm_head, biases, norms """
+    """ AdamW with weight decay on the weight matrices only (not on biases and layer norms); with
+    optimizer='muon', Muon for the blocks' weight matrices and AdamW for the rest: embeddings, lm_head,
+    biases, norms """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for n, p in named if cfg.optimizer == 'muon' and n.startswith('blocks.') and p.dim() == 2]
     params = [p for n, p in named if all(p is not m for m in matrices)]
@@ -610,7 +612,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        by_shape = {}  # same-shaped matrices go through Newton-Schulz together: these small ones cost in calls
+        by_shape = {}  # same-shaped matrices go through Newton-Schulz together, in one call
         for group in self.param_groups:
             for p in (p for p in group['params'] if p.grad is not None):
                 buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
@@ -732,7 +734,8 @@ def save_checkpoint(path, run, cfg):
         os.replace(path + '.tmp', path)  # atomic: a crash mid-save leaves the previous checkpoint as it was
     except (OSError, RuntimeError) as e:  # torch says a full disk as "unexpected pos": say it plainly
         full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 64 << 20
-        why = 'no space left on the disk' if full or getattr(e, 'errno', 0) == errno.ENOSPC else str(e).strip()
+        full = full or getattr(e, 'errno', 0) == errno.ENOSPC
+        why = 'no space left on the disk' if full else str(e).strip()
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
         die(f"could not write {path} ({why.splitlines()[0][:100]}); the previous checkpoint is intact: "
@@ -763,8 +766,10 @@ def no_checkpoint(path, model_class):
     if name == 'best.pt' and os.path.exists(os.path.join(folder, 'ckpt.pt')):
         return f"no checkpoint at {path} (a run saves one when its val loss improves): use --init_from=resume"
     kept = os.path.join(folder, 'previous')
-    earlier = f"; earlier runs are kept in {kept}, e.g. --out_dir={os.path.join(kept, sorted(os.listdir(kept))[-1])}" \
-        if os.path.isdir(kept) and os.listdir(kept) else ''
+    earlier = ''
+    if os.path.isdir(kept) and os.listdir(kept):
+        latest = os.path.join(kept, sorted(os.listdir(kept))[-1])
+        earlier = f"; earlier runs are kept in {kept}, e.g. --out_dir={latest}"
     return f"no checkpoint at {path}: train one first (python {script}), or set --out_dir{earlier}"
 
 
@@ -907,7 +912,7 @@ def final_loss(run, cfg):
     error of ~0.01; a huge split is read at evenly spread windows, and the line says so """
     whole = whole_split_loss(run.model, run.splits['val'], cfg, run.device, run.ctx, run.stop)
     starts, n = final_windows(run.splits['val'], cfg.block_size)
-    where = 'the whole split' if len(starts) == n else f"{len(starts):,} windows spread over the split's {n:,}"
+    where = f"{len(starts):,} windows spread over the split's {n:,}" if len(starts) < n else 'the whole split'
     if whole is None:
         print(f"step {run.step}: the val loss over {where} is skipped: stopped", flush=True)
     else:
@@ -940,8 +945,8 @@ def after_step(run, cfg, loss):
     if not math.isfinite(lossf):
         kept = f"{run.ckpt_path} is from before it" if os.path.exists(run.ckpt_path) else "nothing was saved"
         clip = "" if cfg.grad_clip else " or set --grad_clip=1.0"
-        die(f"the loss became {lossf} at step {run.step}; {kept}: lower --learning_rate (now {cfg.learning_rate})"
-            + clip)
+        die(f"the loss became {lossf} at step {run.step}; {kept}: "
+            f"lower --learning_rate (now {cfg.learning_rate}){clip}")
     if run.step % cfg.log_interval == 0:
         print_progress(run, cfg, lossf)
 
@@ -1020,11 +1025,11 @@ def literal(text):
 
 def char_label(ch):
     """ a character as a tick label: a space, a newline and a tab made visible """
-    return literal({' ': '\u2423', '\n': '\u21b5', '\t': '\u21e5'}.get(ch, ch))  # open box, return and tab arrows
+    return literal({' ': '\u2423', '\n': '\u21b5', '\t': '\u21e5'}.get(ch, ch))  # open box, return, tab
 
 
 def attention_heads(model):
-    """ every Head of the model, grouped by the module that holds them (a layer's heads): {group: [(name, head)]} """
+    """ every Head of the model, grouped by the module that holds them: {group: [(name, head)]} """
     groups = {}
     for name, module in model.named_modules():
         if isinstance(module, Head):
@@ -1033,7 +1038,7 @@ def attention_heads(model):
 
 
 def model_shape(model):
-    """ 'GPTLanguageModel: 6 layers, 6 heads, n_embd 384, block_size 256', counted from the model's own heads """
+    """ 'GPTLanguageModel: 6 layers, 6 heads, n_embd 384, block_size 256', from the model's own heads """
     groups, c = attention_heads(model), model.config
     layers, heads = len(groups), max(map(len, groups.values()), default=0)
     shape = f"{layers} layer{'s' * (layers > 1)}, {heads} head{'s' * (heads > 1)}, n_embd {c.n_embd}, "
@@ -1047,8 +1052,9 @@ def device_name(device):
 def read_log(path):
     """ log.csv as [(step, train_loss, val_loss, whole_val_loss or None)], a resumed run's whole history """
     with open(path, newline='') as f:
-        return [(int(row['step']), float(row['train_loss']), float(row['val_loss']),
-                 float(row['whole_val_loss']) if row.get('whole_val_loss') else None) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    return [(int(row['step']), float(row['train_loss']), float(row['val_loss']),
+             float(row['whole_val_loss']) if row.get('whole_val_loss') else None) for row in rows]
 
 
 def draw_loss_curve(log_path, path, title):
@@ -1065,13 +1071,13 @@ def draw_loss_curve(log_path, path, title):
     ax.set(xlabel='step', ylabel='loss', title=literal(title))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.subplots_adjust(left=0.09, right=0.97, top=0.88, bottom=0.11)  # fixed margins: twice as fast as a layout engine
+    fig.subplots_adjust(left=0.09, right=0.97, top=0.88, bottom=0.11)  # fixed: twice as fast as a layout
     save_figure(fig, path)
 
 
 class LossCurve:
-    """ out_dir/loss.png, drawn anew from log.csv after each evaluation; a missing matplotlib, or any error while
-    drawing, is said in one line, once, and the run goes on without the picture """
+    """ out_dir/loss.png, drawn anew from log.csv after each evaluation; a missing matplotlib, or any
+    error while drawing, is said in one line, once, and the run goes on without the picture """
 
     def __init__(self, cfg, model, device, on=True):
         self.log_path, self.path = os.path.join(cfg.out_dir, 'log.csv'), os.path.join(cfg.out_dir, 'loss.png')
@@ -1092,8 +1098,8 @@ class LossCurve:
 
 @contextmanager
 def keeping_attention(model):
-    """ for a while, every Head runs its own forward, the lecture's code, and keeps its softmaxed wei: the fused
-    kernel of MultiHeadAttention computes no wei, so it is turned off """
+    """ for a while, every Head runs its own forward, the lecture's code, and keeps its softmaxed wei:
+    the fused kernel of MultiHeadAttention computes no wei, so it is turned off """
     fused = {m: m.fused for m in model.modules() if isinstance(m, MultiHeadAttention)}
     heads = [m for m in model.modules() if isinstance(m, Head)]
     for m in fused:
@@ -1121,30 +1127,33 @@ def attention_maps(model, idx):
             model(idx)
             for name, head in (nh for heads in groups.values() for nh in heads):
                 if head.wei is None:
-                    die(f"{name} computed no attention weights in {type(model).__name__}'s forward: cannot draw them")
-            maps = {g: [(name, head.wei[0].float().cpu()) for name, head in heads] for g, heads in groups.items()}
+                    die(f"{name} computed no attention weights in {type(model).__name__}'s forward: "
+                        f"cannot draw them")
+            maps = {g: [(name, head.wei[0].float().cpu()) for name, head in heads]
+                    for g, heads in groups.items()}
     finally:
         model.train(was_training)
     return maps
 
 
 def draw_attention(maps, chars, path, title):
-    """ one heatmap per head, a row of them per layer: row t shows how much the character at t attends to each one """
+    """ one heatmap per head, a row of them per layer: row t, how much the character at t attends to each """
     T, rows, cols = len(chars), len(maps), max(map(len, maps.values()))
-    size = min(max(2.5, 0.16 * T + 1), 8)  # inches per head: room for a tick label per character of a short prompt
+    size = min(max(2.5, 0.16 * T + 1), 8)  # inches per head: room for a label per character
     fig = new_figure(size * cols + 1, size * rows + 0.8, layout='constrained')
     labels = [char_label(c) for c in chars]
     ticks = range(0, T, math.ceil(T / 48))  # at most 48 labels on an axis
     for r, heads in enumerate(maps.values()):
         for c, (name, wei) in enumerate(heads):
             ax = fig.add_subplot(rows, cols, r * cols + c + 1)
-            image = ax.imshow(wei.numpy(), cmap='Blues', vmin=0, vmax=1)  # 0 is white: the masked future is blank
+            image = ax.imshow(wei.numpy(), cmap='Blues', vmin=0, vmax=1)  # 0 is white: the masked future
             ax.set_title(name, fontsize=9)
             ax.set_xticks(ticks)
             ax.set_xticklabels([labels[i] for i in ticks], fontsize=7)
             ax.set_yticks(ticks)
             ax.set_yticklabels([labels[i] for i in ticks], fontsize=7)
-            ax.set(xlabel='key (attended to)' if r == rows - 1 else '', ylabel='query (attending)' if c == 0 else '')
+            ax.set(xlabel='key (attended to)' if r == rows - 1 else '',
+                   ylabel='query (attending)' if c == 0 else '')
     fig.colorbar(image, ax=fig.axes, shrink=0.6, label='attention weight')
     fig.suptitle(literal(title))
     save_figure(fig, path)
@@ -1155,7 +1164,8 @@ def draw_prompt_attention(model, tokenizer, cfg, device):
     block_size = model.config.block_size
     text = cfg.prompt[-block_size:]  # the context the model sees when it samples the next character
     if len(text) < len(cfg.prompt):
-        print(f"attention: the prompt is longer than block_size {block_size}; drawing its last {block_size} characters")
+        print(f"attention: the prompt is longer than block_size {block_size}; "
+              f"drawing its last {block_size} characters")
     idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)  # (1,T)
     path = os.path.join(cfg.out_dir, 'attention.png')
     draw_attention(attention_maps(model, idx), text, path, f"{model_shape(model)}\nattention over {text!r}")
@@ -1165,7 +1175,8 @@ def draw_prompt_attention(model, tokenizer, cfg, device):
 def check_pictures(cfg):
     """ --attention=True needs a prompt to draw and matplotlib to draw it with """
     if cfg.attention and not cfg.prompt:
-        die("--attention=True draws each head's attention over the prompt: give one, e.g. --prompt=\"ROMEO: \"")
+        die("--attention=True draws each head's attention over the prompt: "
+            "give one, e.g. --prompt=\"ROMEO: \"")
     if cfg.attention:
         try:
             new_figure(1, 1)
@@ -1199,8 +1210,8 @@ def main(argv=(), model_class=None, defaults=None):
             raise SystemExit(128 + signal.SIGTERM)
     rank, world = rank_and_world()
     if world > 1:
-        run.model = None  # DistributedDataParallel freed before its process group: left to the exit, it aborts a
-        gc.collect()  # process now and then ("terminate called without an active exception")
+        run.model = None  # DistributedDataParallel freed before its process group: left to the exit,
+        gc.collect()  # it aborts a process now and then ("terminate called without an active exception")
         torch.distributed.destroy_process_group()
     if rank == 0:  # generate from the model
         if cfg.attention:  # each head's attention over the prompt, into out_dir/attention.png
@@ -1252,10 +1263,12 @@ def processes_changed(before, now, cfg):
 
 
 def no_buffer_sync():
-    """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at every forward:
-    forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
+    """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at each
+    forward: forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
     parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-    return dict(forward_sync_buffers=False) if 'forward_sync_buffers' in parameters else dict(broadcast_buffers=False)
+    if 'forward_sync_buffers' in parameters:
+        return dict(forward_sync_buffers=False)
+    return dict(broadcast_buffers=False)
 
 
 def check_compile(device):
@@ -1512,7 +1525,7 @@ def resume_config(cfg, overrides, checkpoint, path):
     if overrides.get('max_time', saved.get('max_time')) != saved.get('max_time'):
         die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
             f"set --max_iters=N to train it longer")
-    per_call = ('init_from', 'out_dir', 'device', 'attention')  # where the checkpoint is and what runs it: this call's
+    per_call = ('init_from', 'out_dir', 'device', 'attention')  # this call's own: where, on what, what for
     loop = ('lr_decay_iters', 'planned')  # the loop's state, not settings: see loop_state
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in overrides.items()
                if k in saved and k not in per_call and saved[k] != v]
@@ -1582,7 +1595,8 @@ def fail_under_torchrun(e):
     if isinstance(e, SystemExit) and os.environ.get('TORCHELASTIC_ERROR_FILE'):
         try:
             with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
-                json.dump(dict(message=dict(message=e.code, extraInfo=dict(timestamp=str(int(time.time()))))), f)
+                message = dict(message=e.code, extraInfo=dict(timestamp=str(int(time.time()))))
+                json.dump(dict(message=message), f)
         except OSError:
             return  # printed on stderr after all
         raise SystemExit(1) from None

@@ -47,18 +47,25 @@ def test_a_second_run_in_a_busy_out_dir_is_refused_and_a_killed_run_leaves_no_lo
 
 # a stop at any moment
 
+def ctrl_c_in(cwd, name):
+    """ a tiny run of gpt.py in a process of its own, with Ctrl-C on the first call of gpt.<name> """
+    return run_python(cwd, f"""
+import os, signal, gpt
+function, calls = gpt.{name}, []
+def ctrl_c_first(*args):
+    calls.append(1)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return function(*args)
+gpt.{name} = ctrl_c_first
+gpt.main({TINY!r})
+""")
+
+
 def test_ctrl_c_in_the_first_evaluation_saves_step_0_and_keeps_the_previous_model(workdir):
     assert run_script(workdir, *TINY).returncode == 0
     before = (workdir / 'out' / 'ckpt.pt').read_bytes()
-    p = run_python(workdir, f"""
-import os, signal, gpt
-estimate_loss = gpt.estimate_loss
-def ctrl_c_while_evaluating(*args):
-    os.kill(os.getpid(), signal.SIGINT)
-    return estimate_loss(*args)
-gpt.estimate_loss = ctrl_c_while_evaluating
-gpt.main({TINY!r})
-""")
+    p = ctrl_c_in(workdir, 'estimate_loss')  # in the first evaluation
     assert p.returncode == 0 and 'Ctrl-C' in p.stdout and 'saved out/ckpt.pt at step 0' in p.stdout, p.stderr
     assert load(workdir / 'out' / 'ckpt.pt')['step'] == 0
     kept = list((workdir / 'out' / 'previous').iterdir())
@@ -67,17 +74,7 @@ gpt.main({TINY!r})
 
 
 def test_a_stop_during_the_final_loss_skips_it_with_the_model_already_saved(workdir):
-    p = run_python(workdir, f"""
-import os, signal, gpt
-final_windows, calls = gpt.final_windows, []
-def ctrl_c_as_the_final_loss_begins(*args):
-    calls.append(1)
-    if len(calls) == 1:
-        os.kill(os.getpid(), signal.SIGINT)
-    return final_windows(*args)
-gpt.final_windows = ctrl_c_as_the_final_loss_begins
-gpt.main({TINY!r})
-""")
+    p = ctrl_c_in(workdir, 'final_windows')  # as the final loss begins
     assert p.returncode == 0 and 'step 20: the val loss over the whole split is skipped: stopped' in p.stdout, p.stderr
     assert load(workdir / 'out' / 'ckpt.pt')['step'] == 20
     assert log_rows(workdir / 'out')[-1]['step'] == '20' and log_rows(workdir / 'out')[-1]['whole_val_loss'] == ''
