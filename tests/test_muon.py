@@ -80,4 +80,4 @@ def test_the_schedule_reaches_an_optimizer_loaded_from_a_checkpoint():
     opt = gpt.configure_optimizer(model, cfg, torch.device('cpu'))
     opt.load_state_dict(opt.state_dict())  # as a resumed run does: each optimizer gets new param_groups
     gpt.set_lr(opt, 5e-3)
-    assert [g['lr'] for g in opt.muon.param_groups + opt.adamw.param_groups] == [5e-3] * 3
+    assert [g['lr'] for g in opt.muon.param_groups + opt.adamw.param_groups] == [5e-3 * cfg.muon_lr_scale, 5e-3, 5e-3]
