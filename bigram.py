@@ -58,6 +58,6 @@ class BigramLanguageModel(nn.Module):
 
 if __name__ == '__main__':
     try:
-        gpt.main(sys.argv[1:], model_class=BigramLanguageModel, defaults=defaults)
+        gpt.main(sys.argv[1:], model_class=BigramLanguageModel, defaults=defaults, t_begin=gpt.started)
     except KeyboardInterrupt:
         raise SystemExit(130)

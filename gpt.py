@@ -15,8 +15,8 @@ On a CPU or Apple MPS it runs a smaller model that trains and samples in about 3
 import ast
 import csv
 import difflib
-import gc
 import errno
+import gc
 import hashlib
 import inspect
 import json
@@ -38,6 +38,8 @@ try:
     import fcntl  # a lock per out_dir: one training run at a time
 except ImportError:  # Windows
     fcntl = None
+
+started = time.time()  # when this script began: max_time counts from here, loading torch included
 
 import numpy as np
 import torch
@@ -1187,9 +1189,9 @@ def check_pictures(cfg):
 # ----------------------------------------------------------------------------------------------
 # the run, in the lecture's order: settings, device, seed, data, model, optimizer, train, sample
 
-def main(argv=(), model_class=None, defaults=None):
+def main(argv=(), model_class=None, defaults=None, t_begin=None):
     """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py pass their own model """
-    t_begin = time.time()  # a new run's clock, and its time budget, start here
+    t_begin = t_begin or time.time()  # a new run's clock, and its time budget, start here (or at t_begin)
     if os.environ.get('RANK', '0') != '0':  # under torchrun only the first process prints, saves and samples
         sys.stdout = open(os.devnull, 'w')
     model_class = model_class or GPTLanguageModel
@@ -1605,7 +1607,7 @@ def fail_under_torchrun(e):
 if __name__ == '__main__':
     sys.stdout = Console(sys.stdout)
     try:
-        main(sys.argv[1:])
+        main(sys.argv[1:], t_begin=started)
     except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
         raise SystemExit(130)
     except BaseException as e:
