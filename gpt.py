@@ -870,6 +870,7 @@ def train(run, cfg):
         run.step += 1
         after_step(run, cfg, loss)
     run.stop[:] = run.stopping  # main() ends every process the same way
+    run.elapsed = time.time() - run.t_start
     if run.rank == 0 and run.saved_step != run.step:  # stopped between evaluations
         save_checkpoint(run.ckpt_path, run, cfg)
     print(f"saved {run.ckpt_path} at step {run.step} ({format_time(run.elapsed)})", flush=True)
