@@ -244,7 +244,8 @@ def load_splits(cfg, checkpoint=None):
         gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
         die(f"{what}, and its vocabulary differs (new: {new[:20]!r}, gone: {gone[:20]!r}): "
             f"resume on the text it learned, or train a new model with another --out_dir")
-    if checkpoint and checkpoint.get('text', text_stamp(cfg.input_file)) != text_stamp(cfg.input_file):
+    stamp = text_stamp(cfg.input_file)
+    if checkpoint and checkpoint.get('text', stamp) != stamp:
         print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved "
               f"(same characters): training goes on with the text as it is now")
     n = int(0.9 * len(data))  # first 90% will be train, rest val
