@@ -3,41 +3,26 @@ A character-level GPT, trained from scratch on one text file and then sampled: t
 lecture "Let's build GPT: from scratch, in code, spelled out", in the lecture's order and with its
 names, made fast on CPU and GPU, with checkpoints, exact resume and sampling from a prompt.
 
-    python gpt.py                        # train on input.txt (tiny Shakespeare), then print a sample
-    python gpt.py --max_iters=200        # any constant below can be set like this
-    python gpt.py --help                 # every constant, its default and what it means
+    python gpt.py                    # train on input.txt (tiny Shakespeare), then print a sample
+    python gpt.py --max_iters=200    # any constant below can be set like this
+    python gpt.py --help             # every constant, its default and what it means
     python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO:"   # sample from the saved model
-    python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO: " --attention=True  # see each head
+    python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO: " --attention=True  # each head
 
 On a CUDA GPU it runs the lecture's model (6 layers, 6 heads, n_embd 384, block 256, 5000 steps).
 On a CPU or Apple MPS it runs a smaller model that trains and samples in about 3 minutes.
+
+Read it down to the divider (the line of '='): that part is the lecture's script in the lecture's
+order, the hyperparameters, the data, the model, the optimizer, the training loop and sampling, and
+main(), which runs them. What a first read can skip (the command line, checkpoints, the time budget,
+torchrun, signals, pictures) comes after the divider, grouped by concern and called by name.
 """
-import ast
-import csv
-import difflib
-import errno
-import gc
-import hashlib
-import inspect
-import json
 import math
 import os
-import re
-import shutil
-import socket
 import signal
-import sys
-import threading
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
-
-try:
-    import fcntl  # a lock per out_dir: one training run at a time
-except ImportError:  # Windows
-    fcntl = None
 
 started = time.time()  # when this script began: max_time counts from here, loading torch included
 
@@ -50,37 +35,41 @@ from torch.nn import functional as F
 # Edit these lines to change the run, or set any of them on the command line (--max_iters=200).
 # A line with two values (`x if cuda else y`) holds one for a CUDA GPU, most of them the lecture's
 # run (a comment says where not), and one for a laptop-size run on a CPU or Apple MPS.
+# The lecture's own come first, in its order; the ones beyond it follow, grouped by what they set.
 cuda = torch.cuda.is_available()
-# data
-input_file = 'input.txt'  # the text to train on (UTF-8); its characters are the vocabulary
-# the default text, fetched when input.txt is missing, and the checksum it must have
-data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
-# model
+batch_size = 64 if cuda else 32  # how many independent sequences will we process in parallel?
 block_size = 256 if cuda else 64  # what is the maximum context length for predictions?
+max_iters = 5000  # total optimizer steps, unless max_time picks them; a resume continues up to this
+eval_interval = 500  # estimate train and val loss every this many steps
+learning_rate = 1e-3 if cuda else 6e-3  # peak, after the warmup (the lecture: 3e-4, flat)
+device = 'auto'  # 'auto' (CUDA, else Apple MPS, else CPU), or 'cpu', 'cuda', 'cuda:1', 'mps'
+eval_iters = 200 if cuda else 40  # batches of each split averaged in one estimate (std. err. < 0.01)
 n_embd = 384 if cuda else 96  # width of the embedding of each token
 n_head = 6 if cuda else 3  # attention heads per block; n_embd must be divisible by n_head
 n_layer = 6 if cuda else 2  # transformer blocks; in 3 CPU minutes, many steps of a small model win
 dropout = 0.2 if cuda else 0.0  # 0 on CPU: 3 minutes cannot overfit, and attention stays fused
-activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, a little better)
+seed = 1337  # random seed of the run (the lecture's torch.manual_seed(1337))
+# data
+input_file = 'input.txt'  # the text to train on (UTF-8); its characters are the vocabulary
+# the default text, fetched when input.txt is missing, and the checksum it must have
+data_url = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/'
+            'input.txt')
+data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
+# model
+activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, better)
 position_embedding = 'learned'  # 'learned' (the lecture's table) or 'sinusoidal' (fixed sin/cos)
 qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GPT-2: yes)
-fused_attention = True  # all heads at once in one fused kernel; False runs the lecture's per-head code
+fused_attention = True  # all heads in one fused kernel; False runs the lecture's Head by Head
 # training
-batch_size = 64 if cuda else 32  # how many independent sequences will we process in parallel?
-max_iters = 5000  # total optimizer steps, unless max_time picks them; a resume continues up to this
-max_time = 0 if cuda else 180  # seconds, start to sample: the steps that fit (0 = off; so is --max_iters=N)
-eval_interval = 500  # estimate train and val loss every this many steps
-eval_iters = 200 if cuda else 40  # batches of each split averaged in one estimate (std. error < 0.01)
+max_time = 0 if cuda else 180  # seconds, start to sample: the steps that fit (0 or --max_iters=N: off)
 log_interval = 100  # print progress every this many steps
-learning_rate = 1e-3 if cuda else 6e-3  # peak learning rate after the warmup (the lecture: 3e-4, flat)
 min_lr = 1e-4 if cuda else 6e-4  # the cosine decays to this, a tenth of the peak, at the last step
 warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
-weight_decay = 0.1  # weight decay on the weight matrices only (not biases and norms), AdamW's and Muon's
+weight_decay = 0.1  # on the weight matrices only (not biases and norms), AdamW's and Muon's
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99 if cuda else 0.95  # AdamW beta2; below 0.999 since each step sees few tokens
 grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
-optimizer = 'adamw' if cuda else 'muon'  # 'adamw' (the lecture's), or 'muon' for the blocks' weight matrices
+optimizer = 'adamw' if cuda else 'muon'  # 'adamw' (the lecture's), or 'muon' for the blocks' matrices
 muon_lr_scale = 2.0  # Muon's learning rate: learning_rate times this, on the same schedule
 muon_momentum = 0.9  # Muon's (Nesterov) momentum; 0.95 is usual, 0.9 suits a short run
 gradient_accumulation_steps = 1  # micro-batches per step: a larger batch than fits in memory
@@ -91,188 +80,70 @@ num_samples = 1  # how many samples to print
 max_new_tokens = 500  # characters generated per sample
 temperature = 1.0  # 1 samples the model's distribution, lower is more conservative, 0 is greedy
 top_k = 0  # sample only from the k most likely characters (0 = all)
-seed = 1337  # random seed of the run
-preview_chars = 80  # at each evaluation, print this many characters sampled from a fixed seed (0 = off)
+preview_chars = 80  # at each evaluation, print this many characters sampled (fixed seed; 0 = off)
 # I/O
 out_dir = 'out'  # checkpoints (ckpt.pt latest, best.pt best val), log.csv and the data cache
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'best' (from out_dir/best.pt)
-plot = True  # after each evaluation, draw the losses into out_dir/loss.png (when matplotlib is installed)
+plot = True  # after each evaluation, draw the losses into out_dir/loss.png (needs matplotlib)
 # system
-device = 'auto'  # 'auto' (CUDA, else Apple MPS, else CPU), or 'cpu', 'cuda', 'cuda:1', 'mps'
 torch_compile = False  # compile the model with torch.compile: a slow start, then faster GPU steps
 # ----------------------------------------------------------------------------------------------
-
-
-def die(message):
-    """ stop with a one-line message for the user, no traceback: every failure a user can cause """
-    raise SystemExit(f"error: {message}")
-
-
-# ----------------------------------------------------------------------------------------------
-# data: the character tokenizer, the text encoded once to token ids on disk, and get_batch
+# data: every character of the text is a token, and the text becomes one long row of token ids
 
 class CharTokenizer:
     """ the lecture's tokenizer: every distinct character of the text is one token """
 
     def __init__(self, chars):
+        # here are all the unique characters that occur in this text
         self.chars = ''.join(chars)
+        # create a mapping from characters to integers
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.itos = {i: ch for i, ch in enumerate(chars)}
 
     def encode(self, s):
-        """ string -> list of integers; a character the model never saw is an error that names it """
+        """ encoder: take a string, output a list of integers (a character never seen: an error) """
         unknown = sorted(set(s) - self.stoi.keys())
         if unknown:
             raise ValueError(f"characters the model never saw: {''.join(unknown)!r}")
         return [self.stoi[c] for c in s]
 
     def decode(self, l):
-        """ list of integers -> string """
+        """ decoder: take a list of integers, output a string """
         return ''.join(self.itos[i] for i in l)
 
 
-# The lecture reads the text and encodes it in three lines:
-#     text = open('input.txt', 'r', encoding='utf-8').read()
-#     chars = sorted(list(set(text)))
-#     data = torch.tensor(encode(text), dtype=torch.long)
-# prepare_data does the same with numpy, a few million characters at a time, into a file on disk:
-# a 100 MB text then takes about a second and little memory, and later runs start at once.
-
-def read_text_chunks(path, chunk_chars=1 << 22):
-    """ the file's text, a few million characters at a time, so memory stays small for huge files """
-    with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not a character
-        while chunk := f.read(chunk_chars):
-            yield chunk
-
-
-def code_points(text):
-    return np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
-
-
-def vocabulary(path):
-    """ chars = sorted(set(text)): the code points that occur in the file, in sorted order """
-    counts = np.zeros(0x110000, dtype=np.int64)
-    for chunk in read_text_chunks(path):
-        counts += np.bincount(code_points(chunk), minlength=0x110000)
-    return np.flatnonzero(counts)
-
-
-def encode_file(path, vocab, bin_path, tmp):
-    """ data = encode(text): each character's code point -> its token id, written to bin_path """
-    dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
-    lookup = np.zeros(0x110000, dtype=dtype)
-    lookup[vocab] = np.arange(len(vocab))
-    with open(tmp, 'wb') as f:
-        for chunk in read_text_chunks(path):
-            f.write(lookup[code_points(chunk)].tobytes())
-    os.replace(tmp, bin_path)
-    return np.dtype(dtype).name
-
-
-def prepare_data(path, cache_dir):
-    """
-    The text's vocabulary and the whole text as token ids (uint16, or uint32 past 65,536 characters),
-    encoded into a file in cache_dir once, then memory-mapped: a text larger than memory still
-    trains. The cache is rebuilt when the text file changes.
-    """
-    if not os.path.isfile(path):
-        die(f"cannot read the input file '{path}': put a UTF-8 text file there or set --input_file")
-    key = dict(file=os.path.abspath(path), **text_stamp(path))
-    meta_path, bin_path = os.path.join(cache_dir, 'data.json'), os.path.join(cache_dir, 'data.bin')
-    try:
-        with open(meta_path, encoding='utf-8') as f:
-            meta = json.load(f)
-        if meta['key'] == key:
-            return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
-    except (OSError, ValueError, KeyError):
-        pass  # no cache yet, or a stale or damaged one: build it
-    tmp = f'{bin_path}.{os.getpid()}.tmp'  # this process's own: two runs may prepare one folder at once
-    try:
-        vocab = vocabulary(path)
-        if len(vocab) == 0:
-            die(f"the input file '{path}' is empty: give it some text to learn from")
-        dtype = encode_file(path, vocab, bin_path, tmp)
-        meta = dict(key=key, chars=''.join(chr(c) for c in vocab), dtype=dtype)
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(meta, f)
-        os.replace(tmp, meta_path)
-    except UnicodeDecodeError as e:
-        die(f"the input file '{path}' is not UTF-8 text (bad byte at position {e.start} of a chunk): "
-            f"save it as UTF-8")
-    except OSError as e:
-        die(f"cannot encode '{path}' into {cache_dir} ({e.strerror}): free some disk space or set --out_dir")
-    finally:  # an interrupted or failed preparation leaves no half-written file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
-
-
-def text_stamp(path):
-    """ the text file's size and time of last change: a new encoding, or a note when a text changed """
-    st = os.stat(path)
-    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
-
-
-def download(url, sha256, path):
-    """ fetch the default text once, check its checksum, write it atomically """
-    import requests
-    print(f"{path} not found: downloading tiny Shakespeare from {url}")
-    try:
-        r = requests.get(url, timeout=30)
-        r.raise_for_status()
-    except requests.RequestException as e:
-        die(f"{path} is missing and the download failed ({type(e).__name__}): "
-            f"put a UTF-8 text file at {path} or set --input_file")
-    if hashlib.sha256(r.content).hexdigest() != sha256:
-        die(f"the file downloaded from {url} has the wrong checksum: put the text at {path} yourself")
-    with open(path + '.tmp', 'wb') as f:
-        f.write(r.content)
-    os.replace(path + '.tmp', path)
-
-
 def load_splits(cfg, checkpoint=None):
-    """ the vocabulary and the encoded text split 90/10 into train and val, each longer than a block """
+    """ the vocabulary, and the text as token ids split 90/10 into train and val """
+    # The lecture reads the text and encodes it in three lines:
+    #     text = open('input.txt', 'r', encoding='utf-8').read()
+    #     chars = sorted(list(set(text)))
+    #     data = torch.tensor(encode(text), dtype=torch.long)
+    # prepare_data does the same with numpy, a few million characters at a time, into a file on
+    # disk: a 100 MB text then takes about a second and little memory, and later runs start at once.
     if not os.path.exists(cfg.input_file) and cfg.input_file == 'input.txt':
-        download(cfg.data_url, cfg.data_sha256, cfg.input_file)
+        download(cfg.data_url, cfg.data_sha256, cfg.input_file)  # tiny Shakespeare, fetched once
     chars, data = prepare_data(cfg.input_file, cfg.out_dir)
-    if checkpoint and ''.join(chars) != checkpoint['chars']:
-        learned = checkpoint['config']['input_file']
-        same_file = os.path.abspath(cfg.input_file) == os.path.abspath(learned)
-        what = (f"{cfg.input_file} has changed since the model learned it" if same_file
-                else f"{cfg.input_file} is not the text the model learned ({learned})")
-        new = ''.join(sorted(set(chars) - set(checkpoint['chars'])))
-        gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
-        die(f"{what}, and its vocabulary differs (new: {new[:20]!r}, gone: {gone[:20]!r}): "
-            f"resume on the text it learned, or train a new model with another --out_dir")
-    stamp = text_stamp(cfg.input_file)
-    if checkpoint and checkpoint.get('text', stamp) != stamp:
-        print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved "
-              f"(same characters): training goes on with the text as it is now")
+    if checkpoint:  # a trained model goes on only with the characters it knows
+        check_text_against(checkpoint, chars, cfg)
+    # Train and test splits
     n = int(0.9 * len(data))  # first 90% will be train, rest val
     splits = dict(train=data[:n], val=data[n:])
-    for split, d in splits.items():
-        if len(d) < cfg.block_size + 1:
-            die(f"{cfg.input_file} is too short for block_size={cfg.block_size}: its {split} split has "
-                f"{len(d)} characters and needs {cfg.block_size + 1}; "
-                f"use a longer text or a smaller --block_size")
+    check_splits(splits, cfg)  # each split must hold at least one block and its targets
     return chars, splits
 
 
+# data loading
 def get_batch(data, block_size, batch_size, device, generator=None):
-    """ a batch of random chunks of the text: inputs x and targets y, the same text shifted by one """
+    """ generate a small batch of data of inputs x and targets y """
+    # batch_size random places in the text; y is x shifted by one: the character that comes next
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])  # (B,T)
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])  # (B,T)
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64))
+                     for i in ix])  # (B,T)
     if device.type == 'cuda':  # pinned memory lets the copy to the GPU overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return x.to(device), y.to(device)
-
-
-def rank_and_world():
-    """ this process's rank and the number of processes: (0, 1) unless started by torchrun """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -300,6 +171,715 @@ def estimate_loss(model, splits, cfg, device, ctx):
         out[split] = losses.mean().item()
     model.train(was_training)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the model: token and position embeddings, blocks of self-attention and feed-forward, a head
+
+@dataclass
+class GPTConfig:
+    """ the shape of the model: all a checkpoint needs to rebuild it (defaults: the constants) """
+    vocab_size: int
+    block_size: int = block_size
+    n_embd: int = n_embd
+    n_head: int = n_head
+    n_layer: int = n_layer
+    dropout: float = dropout
+    activation: str = activation
+    position_embedding: str = position_embedding
+    qkv_bias: bool = qkv_bias
+    fused_attention: bool = fused_attention
+
+
+# Which attention code runs: by default (fused_attention = True) MultiHeadAttention computes
+# all its heads at once, with the same weights, in all_heads_at_once: one matmul and one fused
+# kernel. Head's own forward, the lecture's code, runs with --fused_attention=False (and when the
+# attention pictures are drawn); a test checks that both give the same output.
+
+class Head(nn.Module):
+    """ one head of self-attention """
+
+    def __init__(self, config, head_size):
+        super().__init__()
+        self.key = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
+        self.query = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
+        tril = torch.tril(torch.ones(config.block_size, config.block_size))
+        self.register_buffer('tril', tril, persistent=False)  # a constant, not a parameter
+        self.dropout = nn.Dropout(config.dropout)
+        self.keep_wei = False  # True: forward keeps its softmaxed wei in self.wei, for the pictures
+        self.wei = None
+
+    def forward(self, x):
+        # input of size (batch, time-step, channels), output of size (batch, time-step, head size)
+        B, T, C = x.shape
+        # each token emits a key (what it contains) and a query (what it looks for)
+        k = self.key(x)  # (B,T,hs)
+        q = self.query(x)  # (B,T,hs)
+        # compute attention scores ("affinities"), scaled by the head size (the video scales by C)
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B,T,hs) @ (B,hs,T) -> (B,T,T)
+        # a decoder block: a token may not talk to the future, so those scores become -inf
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # (B,T,T)
+        # each row sums to 1: how much the token at t takes from each token up to t
+        wei = F.softmax(wei, dim=-1)  # (B,T,T)
+        if self.keep_wei:  # not in the lecture: the attention pictures read wei here
+            self.wei = wei.detach()  # (B,T,T)
+        wei = self.dropout(wei)
+        # perform the weighted aggregation of the values
+        v = self.value(x)  # (B,T,hs)
+        out = wei @ v  # (B,T,T) @ (B,T,hs) -> (B,T,hs)
+        return out
+
+
+class MultiHeadAttention(nn.Module):
+    """ multiple heads of self-attention in parallel """
+
+    def __init__(self, config):
+        super().__init__()
+        head_size = config.n_embd // config.n_head  # the heads side by side are n_embd wide again
+        self.heads = nn.ModuleList([Head(config, head_size) for _ in range(config.n_head)])
+        self.proj = nn.Linear(head_size * config.n_head, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.fused = config.fused_attention  # all_heads_at_once, below (the default)
+        self.attn_dropout = config.dropout
+
+    def forward(self, x):
+        # fused unless training on a CPU with attention dropout: PyTorch has no fused CPU kernel for
+        # that case, and its fallback is slower than the lecture's per-head code
+        if self.fused and not (self.training and self.attn_dropout > 0 and x.device.type == 'cpu'):
+            out = self.all_heads_at_once(x)  # (B,T,C)
+        else:  # the lecture's way: each Head, and their outputs side by side
+            out = torch.cat([h(x) for h in self.heads], dim=-1)  # (B,T,C)
+        # the projection back into the residual pathway
+        out = self.dropout(self.proj(out))
+        return out
+
+    def all_heads_at_once(self, x):
+        """ the same heads with the same weights: one matmul for all q, k, v, one fused kernel """
+        B, T, C = x.shape
+        nh = len(self.heads)
+        # every head's query, key and value weights stacked into one matrix
+        w = torch.cat([h.query.weight for h in self.heads] + [h.key.weight for h in self.heads]
+                      + [h.value.weight for h in self.heads])  # (3C,C)
+        b = None
+        if self.heads[0].query.bias is not None:
+            b = torch.cat([h.query.bias for h in self.heads] + [h.key.bias for h in self.heads]
+                          + [h.value.bias for h in self.heads])  # (3C,)
+        q, k, v = F.linear(x, w, b).split(C, dim=2)  # 3 x (B,T,C)
+        q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
+        k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
+        v = v.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
+        # softmax(q @ k^T * hs**-0.5, causal mask) @ v, as in Head, without a (T,T) matrix on GPU
+        p_drop = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)  # (B,nh,T,hs)
+        return out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as torch.cat: (B,T,C)
+
+
+class FeedForward(nn.Module):
+    """ a simple linear layer followed by a non-linearity """
+
+    def __init__(self, config):
+        super().__init__()
+        # applied to each token on its own: having gathered from the others, it thinks about it
+        self.net = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.GELU() if config.activation == 'gelu' else nn.ReLU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """ Transformer block: communication followed by computation """
+
+    def __init__(self, config):
+        # n_embd: embedding dimension, n_head: the number of heads we'd like
+        super().__init__()
+        self.sa = MultiHeadAttention(config)
+        self.ffwd = FeedForward(config)
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+
+    def forward(self, x):
+        # residual connections: each sub-layer adds to x; layer norm before each (pre-norm)
+        x = x + self.sa(self.ln1(x))
+        x = x + self.ffwd(self.ln2(x))
+        return x
+
+
+# a variant, not in the lecture: position_embedding = 'sinusoidal' puts this in place of the table
+class SinusoidalPositions(nn.Module):
+    """ the Transformer paper's position embedding: fixed sin and cos waves of falling frequency """
+
+    def __init__(self, block_size, n_embd):
+        super().__init__()
+        pos = torch.arange(block_size, dtype=torch.float32)[:, None]  # (T,1)
+        freq = 10000 ** (-torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (ceil(C/2),)
+        table = torch.zeros(block_size, n_embd)
+        table[:, 0::2] = torch.sin(pos * freq)  # PE[pos, 2i] = sin(pos / 10000^(2i/C))
+        table[:, 1::2] = torch.cos(pos * freq[:n_embd // 2])  # PE[pos,2i+1] = cos(pos/10000^(2i/C))
+        self.register_buffer('table', table, persistent=False)  # (T,C): computed, never saved or trained
+
+    def forward(self, pos):
+        return self.table[pos]  # looked up like nn.Embedding: (T,) -> (T,C)
+
+
+class GPTLanguageModel(nn.Module):
+    """ a decoder-only transformer that predicts the next character """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # each token directly reads off its embedding from a lookup table, and so does its position
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position_embedding == 'sinusoidal':
+            self.position_embedding_table = SinusoidalPositions(config.block_size, config.n_embd)
+        else:
+            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)  # final layer norm
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        # better init, not covered in the original GPT video, but important, will cover in followup video
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:  # the position table has block_size rows
+            raise ValueError(f"sequence of length {T} is longer than block_size "
+                             f"{self.config.block_size}")
+        # idx and targets are both (B,T) tensor of integers
+        tok_emb = self.token_embedding_table(idx)  # (B,T,C)
+        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T,C)
+        x = tok_emb + pos_emb  # (B,T,C)
+        x = self.blocks(x)  # (B,T,C)
+        x = self.ln_f(x)  # (B,T,C)
+        logits = self.lm_head(x)  # (B,T,vocab_size)
+
+        if targets is None:
+            loss = None
+        else:
+            B, T, C = logits.shape
+            loss = F.cross_entropy(logits.view(B * T, C), targets.view(B * T))
+        return logits, loss
+
+    @torch.no_grad()  # the lecture samples with autograd on and, after training, with dropout on
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
+        # idx is (B, T) array of indices in the current context
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                # crop idx to the last block_size tokens
+                idx_cond = idx[:, -self.config.block_size:]  # (B, <=block_size)
+                # get the predictions
+                logits, loss = self(idx_cond)
+                # focus only on the last time step
+                logits = logits[:, -1, :]  # becomes (B, C)
+                if temperature == 0:  # greedy: the most likely character, whatever the seed
+                    idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+                else:
+                    logits = logits / temperature
+                    if top_k:
+                        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
+                        logits[logits < v[:, [-1]]] = float('-inf')
+                    # apply softmax to get probabilities
+                    probs = F.softmax(logits, dim=-1)  # (B, C)
+                    # sample from the distribution
+                    idx_next = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+                # append sampled index to the running sequence
+                idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer and its schedule: the lecture's AdamW (or Muon for the blocks' matrices), with a
+# linear warmup and a cosine decay of the learning rate (the lecture keeps it flat)
+
+def configure_optimizer(model, cfg, device):
+    """ the lecture's torch.optim.AdamW, or with optimizer='muon', Muon for the blocks' weight
+    matrices and AdamW for the rest (embeddings, lm_head, biases, norms) """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named
+                if cfg.optimizer == 'muon' and n.startswith('blocks.') and p.dim() == 2]
+    params = [p for n, p in named if all(p is not m for m in matrices)]
+    # weight decay on the weight matrices only, not on biases and layer norms
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    fused = device.type in ('cuda', 'cpu')  # one kernel for the whole update, where PyTorch has it
+    betas = (cfg.beta1, cfg.beta2)
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
+    if not matrices:
+        return adamw
+    muon = Muon(matrices, lr=cfg.learning_rate, momentum=cfg.muon_momentum,
+                weight_decay=cfg.weight_decay, lr_scale=cfg.muon_lr_scale)  # below the divider
+    return MuonWithAdamW(muon, adamw)
+
+
+def get_lr(step, cfg, decay_iters):
+    """ linear warmup to learning_rate, then cosine decay to min_lr at the run's planned end,
+    decay_iters; a run extended past that end goes on at min_lr """
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # from 1 down to 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def set_lr(optimizer, lr):
+    """ the step's learning rate into every parameter group """
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's matrices may take a multiple of it
+
+
+# ----------------------------------------------------------------------------------------------
+# training: the loop's state in one place, then the lecture's loop
+
+def loop_state(cfg, checkpoint, t_begin):
+    """ Loop state: every variable the training loop updates, each declared here with what it
+    means. A resumed run takes its own from the checkpoint; start_training sets the parts """
+    saved = checkpoint['config'] if checkpoint else {}
+    step = checkpoint['step'] if checkpoint else 0
+    planned = saved.get('planned', True) if checkpoint else False  # a budget plans once, at the start
+    rank, world = rank_and_world()
+    return SimpleNamespace(
+        # where the run stands (saved in the checkpoint)
+        step=step,  # optimizer steps taken
+        start_step=step,  # the step this call began at: 0, or the checkpoint's
+        resumed_at=step if checkpoint else None,  # the checkpoint's step: evaluated and saved already
+        saved_step=step if checkpoint else None,  # the step of ckpt.pt (a new run saves at step 0)
+        best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),  # best.pt's
+        elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0,  # seconds trained, resumes too
+        training=cfg.max_time > 0 and not planned or step < cfg.max_iters,  # any steps left to take?
+        # where it ends: max_iters, or the steps the time budget plans
+        max_iters=cfg.max_iters,  # the last step
+        lr_decay_iters=saved.get('lr_decay_iters', saved.get('max_iters', cfg.max_iters)),  # its end
+        budget=cfg.max_time > 0 and not planned,  # the time budget has yet to plan (time_budget)
+        planned=planned,  # the time budget has planned max_iters; a resumed run keeps its plan
+        deadline=None,  # past this time the machine has slowed since the plan: the run ends
+        marks=[],  # the clock at steps 10, 20, 30, 40 and 50: the first plan is made from them
+        t_timed=None,  # since this time (evaluations left out) every step is timed for the plans
+        step_timed=None,  # and since this step
+        eval_s=0.0,  # seconds of the last evaluation
+        char_s=0.0,  # seconds to sample one character of the preview
+        # stopping
+        signals=[],  # the signals this process has received: Ctrl-C, SIGTERM (stop_on_signals)
+        stop=[],  # the stop the loop acts on: the signals, agreed by every process under torchrun
+        # clocks
+        t_begin=t_begin,  # when the script began: a new run's time budget counts from here
+        t_start=None,  # when the run began (a resumed run's: moved back by the time it trained)
+        t_log=None,  # the time of the last progress line (evaluations left out): ms/step since
+        step_log=None,  # and its step
+        # processes: one, or one per device under torchrun
+        rank=rank,  # this process's number (0 alone): the first one saves and prints
+        world=world,  # the number of processes (1 alone)
+        # the parts the loop works with, set by start_training
+        model=None,  # what the loop calls: the model, compiled and wrapped for torchrun if asked
+        raw_model=None,  # the model itself: what is saved and sampled (nanoGPT's raw_model)
+        optimizer=None,  # configure_optimizer's
+        tokenizer=None,  # main's: the characters, encode and decode
+        splits=None,  # main's: the train and val token ids
+        device=None,  # main's: where it computes
+        ctx=None,  # main's: the precision every forward runs in
+        text=None,  # the text file's size and time of change: an edit is noticed on resume
+        batch_rows=None,  # rows of a step's batch: batch_size x accumulation x processes
+        tokens_per_step=None,  # batch_rows x block_size
+        ckpt_path=None,  # out_dir/ckpt.pt, the latest model
+        best_path=None,  # out_dir/best.pt, the model of the best val loss
+        log_path=None,  # out_dir/log.csv, a row per evaluation
+        loss_curve=None)  # draws out_dir/loss.png after each evaluation
+
+
+def train(run, cfg):
+    """ the lecture's training loop; run holds the model, the optimizer, the data and the state """
+    model, optimizer, accum = run.model, run.optimizer, cfg.gradient_accumulation_steps
+    while True:
+        step = run.step
+        if run.budget:  # time the first steps, then plan how many fit in max_time
+            time_budget(run, cfg)
+        # the loop runs max_iters + 1 times: it evaluates and saves after the last step
+        last_step = step == run.max_iters
+
+        # every once in a while evaluate the loss on train and val sets
+        if (step % cfg.eval_interval == 0 and not run.stop or last_step) and step != run.resumed_at:
+            t0 = time.time()
+            losses = estimate_loss(model, run.splits, cfg, run.device, run.ctx)
+            run.eval_s = time.time() - t0
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+                  flush=True)
+            # the preview, checkpoints, a row of log.csv, at the end the loss over the whole split
+            after_evaluation(run, cfg, losses, last_step, t0)
+        if step >= run.max_iters or run.stop:
+            break
+
+        # sample a batch of data (every process draws the same one and trains on its share)
+        xb, yb = get_batch(run.splits['train'], cfg.block_size, run.batch_rows, run.device)
+
+        # evaluate the loss
+        set_lr(optimizer, get_lr(step, cfg, run.lr_decay_iters))
+        optimizer.zero_grad(set_to_none=True)  # before the micro-batches: their gradients add up
+        for x, y in micro_batches(run, xb, yb, accum):
+            with run.ctx:
+                logits, loss = model(x, y)
+            (loss / accum).backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        run.step += 1
+        # the loss shared by all processes, a stop, the time budget's deadline, a NaN, progress
+        after_step(run, cfg, loss)
+    # the loop has ended; a run stopped between two evaluations saves the step it stands at
+    run.elapsed = time.time() - run.t_start
+    if run.rank == 0 and run.saved_step != run.step:
+        save_checkpoint(run.ckpt_path, run, cfg)
+    print(f"saved {run.ckpt_path} at step {run.step} ({format_time(run.elapsed)})", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling: generate from the model, one character at a time
+
+def sample(model, tokenizer, cfg, device, ctx):
+    """ print num_samples samples, each character as soon as it is generated """
+    context = tokenizer.encode(cfg.prompt) if cfg.prompt else [0]  # the lecture starts from token 0
+    for _ in range(cfg.num_samples):
+        idx = torch.tensor([context], dtype=torch.long, device=device)  # (1,T)
+        print(cfg.prompt, end='', flush=True)
+        for _ in range(cfg.max_new_tokens):
+            with ctx:
+                idx = model.generate(idx, 1, cfg.temperature, cfg.top_k)  # (1,T+1)
+            print(tokenizer.decode(idx[0, -1:].tolist()), end='', flush=True)
+        print('\n' + '-' * 40 if cfg.num_samples > 1 else '', flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run, in the lecture's order: settings, device, seed, data, model, optimizer, train, sample
+
+def main(argv=(), model_class=None, defaults=None, t_begin=None):
+    """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py pass their
+    own model and defaults """
+    t_begin = t_begin or time.time()  # a new run's clock, and its time budget, start here
+    print_in_the_first_process_only()  # under torchrun the others train in silence
+    model_class = model_class or GPTLanguageModel
+    # the settings: the constants above, the caller's defaults, a resumed run's, the command line
+    cfg, checkpoint = settings(argv, defaults, model_class)
+    device = start_processes(cfg)  # device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    torch.manual_seed(cfg.seed)  # torch.manual_seed(1337)
+    check_out_dir(cfg.out_dir)
+    run = loop_state(cfg, checkpoint, t_begin)
+    # the text, its characters, encode and decode, and the train and val splits
+    tokenizer, splits = load_data(cfg, checkpoint, run.training)
+    # model = GPTLanguageModel(); m = model.to(device)
+    model = build_model(model_class, len(tokenizer.chars), cfg, checkpoint, device)
+    ctx = autocast(device)  # the precision every forward runs in
+    # print the number of parameters in the model
+    describe(model, tokenizer, device, ctx)
+    if run.training:
+        # one run at a time in out_dir; Ctrl-C or SIGTERM stops it after a step, saved
+        with one_run_at_a_time(cfg.out_dir, on=run.rank == 0), stop_on_signals(run.signals):
+            # optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate), and the rest
+            start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx)
+            train(run, cfg)
+        if run.stop and run.stop[0] == signal.SIGTERM:  # asked to end: saved, so no sample
+            raise SystemExit(128 + signal.SIGTERM)
+    # generate from the model (under torchrun, the first process, once the others are done)
+    if end_processes(run) == 0:
+        if cfg.attention:  # each head's attention over the prompt, into out_dir/attention.png
+            draw_prompt_attention(model, tokenizer, cfg, device)
+        # print(decode(m.generate(context, max_new_tokens=500)[0].tolist()))
+        sample(model, tokenizer, cfg, device, ctx)
+    return model
+
+
+# The script runs main() from its last lines (if __name__ == '__main__', at the end of the file),
+# once everything below the divider is defined.
+
+
+# ==============================================================================================
+# Below the divider: what a first read can skip. main() and train() call it by name; by concern:
+#   setup that main calls       settings, start_processes, load_data, build_model, autocast, ...
+#   loop helpers                micro_batches, after_step, after_evaluation, the final loss
+#   the time budget             time_budget, plan, plan_steps
+#   Muon                        newton_schulz, Muon, MuonWithAdamW
+#   data at scale               prepare_data: the text encoded once into a file, memory-mapped
+#   checkpoints and the log     save_checkpoint, load_checkpoint, keep_previous_run, start_log
+#   the one-run lock            one_run_at_a_time, check_out_dir
+#   pictures                    out_dir/loss.png, and each head's attention in attention.png
+#   the command line            get_config, check_config, resume_config, pick_device
+#   processes                   torchrun: rank_and_world, errors as torchrun reports them
+#   errors, signals, console    die, stop_on_signals, Console, and the script's entry point
+import ast
+import csv
+import difflib
+import errno
+import gc
+import hashlib
+import inspect
+import json
+import re
+import shutil
+import socket
+import sys
+import threading
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+
+try:
+    import fcntl  # a lock per out_dir: one training run at a time
+except ImportError:  # Windows
+    fcntl = None
+
+
+# ----------------------------------------------------------------------------------------------
+# setup that main calls: the settings, the device and processes, the data, the model, precision
+
+def settings(argv, defaults, model_class):
+    """ the constants, the caller's defaults, a resumed run's own settings, then the command line """
+    cfg, overrides = get_config(argv, defaults)
+    for name in overrides:
+        if name in getattr(model_class, 'ignored_settings', ()):
+            die(f"{model_class.__name__} has no {name}: drop --{name}")
+    checkpoint = None
+    if cfg.init_from in ('resume', 'best'):
+        path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
+        checkpoint = load_checkpoint(path, model_class)
+        cfg = resume_config(cfg, overrides, checkpoint, path)
+    check_config(cfg)
+    if 'max_iters' in overrides:  # a step count given on the command line turns the time budget off
+        cfg.max_time = 0
+    return cfg, checkpoint
+
+
+def start_processes(cfg):
+    """ the device; under torchrun (one process per device, each given a RANK) join the others """
+    device = pick_device(cfg.device)
+    if 'RANK' not in os.environ:  # plain python gpt.py runs alone
+        return device
+    try:
+        torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    except (ValueError, RuntimeError) as e:
+        die(f"RANK is set but torchrun did not start this process ({first_line(e, 80)}): "
+            f"unset RANK, or start it with torchrun")
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+    return device
+
+
+def load_data(cfg, checkpoint, training):
+    """ the tokenizer and the splits: the text is read when there is training to do, or no checkpoint to take
+    the vocabulary from """
+    if checkpoint and 0 < cfg.max_iters < checkpoint['step']:
+        print(f"the checkpoint is at step {checkpoint['step']}, past --max_iters={cfg.max_iters}: "
+              f"sampling only")
+    elif checkpoint and not training and cfg.max_iters == checkpoint['step'] > 0:
+        print(f"the checkpoint has finished its {cfg.max_iters} steps: sampling only "
+              f"(--max_iters=N trains it on to step N)")
+    if training or not checkpoint:
+        rank, world = rank_and_world()
+        if rank > 0:
+            torch.distributed.barrier()  # the first process encodes the text, then the others read it
+        chars, splits = load_splits(cfg, checkpoint)
+        if rank == 0 and world > 1:
+            torch.distributed.barrier()
+    else:
+        chars, splits = list(checkpoint['chars']), {}
+    tokenizer = CharTokenizer(chars)
+    try:
+        tokenizer.encode(cfg.prompt)
+    except ValueError as e:
+        die(f"the prompt has {e}: change --prompt")
+    return tokenizer, splits
+
+
+def build_model(model_class, vocab_size, cfg, checkpoint, device):
+    """ the model, its shape from the checkpoint when there is one, with the checkpoint's weights """
+    names = ('block_size', 'n_embd', 'n_head', 'n_layer', 'activation', 'position_embedding', 'qkv_bias')
+    if checkpoint:
+        shape = dict(checkpoint['model_args'])
+    else:
+        shape = dict(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in names})
+    shape.setdefault('position_embedding', 'learned')  # checkpoints from before there was a choice
+    shape = {k: v for k, v in shape.items() if k in GPTConfig.__dataclass_fields__}  # older versions' too
+    config = GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})
+    model = model_class(config).to(device)
+    if cfg.attention and not attention_heads(model):  # found out before any training
+        die(f"{type(model).__name__} has no heads of self-attention to draw: drop --attention=True")
+    if checkpoint:
+        try:
+            model.load_state_dict(checkpoint['model'])
+        except RuntimeError as e:
+            die(f"the checkpoint does not fit this model ({first_line(e, 120)}): "
+                f"use another --out_dir")
+    return model
+
+
+def autocast(device):
+    """ ctx, the context every forward pass runs in: bf16 autocast and TF32 matmuls where the GPU has
+    them (the speed of mixed precision, no loss scaling), plain fp32 on CPU and MPS """
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if torch.cuda.is_bf16_supported():
+            return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def describe(model, tokenizer, device, ctx):
+    config = model.config
+    print(f"device: {device}{'' if isinstance(ctx, nullcontext) else ' (bf16 autocast)'}, "
+          f"{torch.get_num_threads()} CPU threads")
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    layers = f", {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}"
+    print(f"vocabulary: {len(tokenizer.chars)} characters; model: {type(model).__name__}"
+          f"{layers if hasattr(model, 'blocks') else ''}, block_size {config.block_size}")
+
+
+def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
+    """ the optimizer, a resumed run's random state, torch.compile and DDP, the log: what the loop needs """
+    # a signal reaches each process at its own moment, maybe one before a step's all_reduce and another after:
+    # so under torchrun the loop acts on the signals all processes agree on at that all_reduce (after_step),
+    # and every process stops after the same step (one that stopped alone would leave the others waiting)
+    if run.world == 1:
+        run.stop = run.signals
+    run.raw_model, run.tokenizer, run.splits, run.device, run.ctx = model, tokenizer, splits, device, ctx
+    run.text = text_stamp(cfg.input_file)
+    if checkpoint and checkpoint.get('processes', 1) != run.world:
+        print(processes_changed(checkpoint.get('processes', 1), run.world, cfg))
+    if cfg.torch_compile:
+        check_compile(device)
+    run.optimizer = configure_optimizer(model, cfg, device)  # only here: slow to build, sampling needs none
+    if checkpoint:  # a resumed run continues its optimizer and its random stream
+        run.optimizer.load_state_dict(checkpoint['optimizer'])
+        torch.set_rng_state(checkpoint['rng_cpu'])
+        if cuda and checkpoint['rng_cuda']:
+            torch.cuda.set_rng_state_all(checkpoint['rng_cuda'])
+    run.model = torch.compile(model) if cfg.torch_compile else model
+    if run.world > 1:
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == 'cuda' else None, **no_buffer_sync())
+    run.ckpt_path, run.best_path, run.log_path = (
+        os.path.join(cfg.out_dir, name) for name in ('ckpt.pt', 'best.pt', 'log.csv'))
+    if run.rank == 0:
+        start_log(run, cfg, checkpoint)
+    run.loss_curve = LossCurve(cfg, model, device, on=cfg.plot and run.rank == 0)
+    run.batch_rows = cfg.batch_size * cfg.gradient_accumulation_steps * run.world
+    run.tokens_per_step = run.batch_rows * cfg.block_size
+    steps = f'as many steps as fit in {cfg.max_time} s' if run.budget else f'{run.max_iters - run.step} steps'
+    print(f"training: {steps} to step {'?' if run.budget else run.max_iters}, "
+          f"{run.tokens_per_step:,} tokens per step" + (f" ({run.world} processes)" if run.world > 1 else ""),
+          flush=True)
+    run.t_start = time.time() - run.elapsed if checkpoint else run.t_begin  # a resumed run's clock goes on
+    run.t_log, run.step_log = time.time(), run.step
+
+
+# ----------------------------------------------------------------------------------------------
+# loop helpers: a step's micro-batches, what follows a step and an evaluation, the final loss
+
+def micro_batches(run, xb, yb, accum):
+    """ this process's share of the batch in accum micro-batches: one process, many, or accumulation all give
+    the same step (without dropout); under torchrun the gradients are averaged after the last one only """
+    shares = zip(xb.chunk(run.world)[run.rank].chunk(accum), yb.chunk(run.world)[run.rank].chunk(accum))
+    for micro_step, (x, y) in enumerate(shares):
+        if run.world > 1:
+            run.model.require_backward_grad_sync = micro_step == accum - 1
+        yield x, y
+
+
+def after_step(run, cfg, loss):
+    """ after a step: the loss and a stop shared by all processes, the deadline, a NaN check, progress """
+    lossf, late = loss.item(), float(run.deadline is not None and time.time() > run.deadline)
+    if run.world > 1:  # the mean loss of all processes; a signal to one, or a deadline, stops them all
+        signals = [signal.SIGTERM in run.signals, signal.SIGINT in run.signals]
+        shared = torch.tensor([lossf / run.world, *signals, late], device=run.device)
+        torch.distributed.all_reduce(shared)  # a sum: each signal as the number of processes that had it
+        lossf, late = shared[0].item(), shared[3].item()
+        run.stop[:] = [sig for sig, n in zip((signal.SIGTERM, signal.SIGINT), shared[1:3].tolist()) if n]
+    if late and run.step < run.max_iters:  # the plan is kept unless the machine slows down after it
+        print(f"time budget: this machine has slowed down since the plan, so the run ends now, "
+              f"at step {run.step}")
+        run.max_iters = run.step
+    if not math.isfinite(lossf):
+        kept = f"{run.ckpt_path} is from before it" if os.path.exists(run.ckpt_path) else "nothing was saved"
+        clip = "" if cfg.grad_clip else " or set --grad_clip=1.0"
+        die(f"the loss became {lossf} at step {run.step}; {kept}: "
+            f"lower --learning_rate (now {cfg.learning_rate}){clip}")
+    if run.step % cfg.log_interval == 0:
+        print_progress(run, cfg, lossf)
+
+
+def print_progress(run, cfg, lossf):
+    """ the step, the loss, the speed and the time left, every log_interval steps """
+    now = time.time()
+    dt = (now - run.t_log) / (run.step - run.step_log)
+    evals_left = run.max_iters // cfg.eval_interval - run.step // cfg.eval_interval
+    left = dt * (run.max_iters - run.step) + (evals_left + 1) * (run.eval_s + run.char_s * cfg.preview_chars)
+    print(f"  step {run.step}/{run.max_iters} | loss {lossf:.4f} | {dt * 1000:.0f} ms/step | "
+          f"{run.tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - run.t_start)} | "
+          f"left {format_time(left)}", flush=True)
+    run.t_log, run.step_log = time.time(), run.step
+
+
+def format_time(seconds):
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+def after_evaluation(run, cfg, losses, last_step, t0):
+    """ after an evaluation: the preview, at the end the whole-split loss, a log.csv row, checkpoints """
+    if cfg.preview_chars:
+        print('  ' + preview(run.raw_model, run.tokenizer, cfg, run.device, run.ctx), flush=True)
+        run.char_s = (time.time() - t0 - run.eval_s) / cfg.preview_chars
+    run.elapsed = time.time() - run.t_start
+    if run.rank == 0:  # saved first: the final loss below may take a while, and a stop skips it
+        if losses['val'] < run.best_val_loss and run.step > 0:
+            run.best_val_loss = losses['val']
+            save_checkpoint(run.best_path, run, cfg)
+        if run.step > run.start_step:
+            save_checkpoint(run.ckpt_path, run, cfg)
+            run.saved_step = run.step
+    whole = final_loss(run, cfg) if last_step else None
+    run.t_log += time.time() - t0  # ms/step counts training steps only, and so does the time budget
+    if run.t_timed:
+        run.t_timed += time.time() - t0
+    if run.rank == 0:
+        append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
+                                  f"{get_lr(run.step, cfg, run.lr_decay_iters):.3e}", f"{run.elapsed:.1f}",
+                                  '' if whole is None else f"{whole:.4f}"])
+        run.loss_curve.draw()  # out_dir/loss.png anew from log.csv
+
+
+def preview(model, tokenizer, cfg, device, ctx):
+    """ a line sampled from a fixed seed, to watch the model learn; the training's randomness is untouched """
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1,1): token 0, as the lecture starts
+    with ctx:
+        idx = model.generate(idx, cfg.preview_chars, cfg.temperature, cfg.top_k, generator)  # (1,1+chars)
+    return tokenizer.decode(idx[0, 1:].tolist()).replace('\n', ' / ')
+
+
+def final_loss(run, cfg):
+    """ after the last evaluation, the loss over the whole val split, exact where the estimate has a standard
+    error of ~0.01; a huge split is read at evenly spread windows, and the line says so """
+    whole = whole_split_loss(run.model, run.splits['val'], cfg, run.device, run.ctx, run.signals)
+    starts, n = final_windows(run.splits['val'], cfg.block_size)
+    where = f"{len(starts):,} windows spread over the split's {n:,}" if len(starts) < n else 'the whole split'
+    if whole is None:
+        print(f"step {run.step}: the val loss over {where} is skipped: stopped", flush=True)
+    else:
+        print(f"step {run.step}: val loss over {where} {whole:.4f}", flush=True)
+    return whole
 
 
 def final_windows(data, block_size, max_tokens=1 << 17):
@@ -335,257 +915,58 @@ def whole_split_loss(model, data, cfg, device, ctx, stop=()):
 
 
 # ----------------------------------------------------------------------------------------------
-# the model
+# the time budget: time the first steps, then plan the steps that fit in max_time
 
-@dataclass
-class GPTConfig:
-    """ the shape of the model: all a checkpoint needs to rebuild it (defaults: the constants above) """
-    vocab_size: int
-    block_size: int = block_size
-    n_embd: int = n_embd
-    n_head: int = n_head
-    n_layer: int = n_layer
-    dropout: float = dropout
-    activation: str = activation
-    position_embedding: str = position_embedding
-    qkv_bias: bool = qkv_bias
-    fused_attention: bool = fused_attention
-
-
-class Head(nn.Module):
-    """ one head of self-attention """
-
-    def __init__(self, config, head_size):
-        super().__init__()
-        self.key = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
-        self.query = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
-        self.value = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
-        tril = torch.tril(torch.ones(config.block_size, config.block_size))
-        self.register_buffer('tril', tril, persistent=False)  # a constant of the model, not a parameter
-        self.dropout = nn.Dropout(config.dropout)
-        self.keep_wei = False  # True: forward keeps its softmaxed wei in self.wei, for the attention pictures
-        self.wei = None
-
-    def forward(self, x):
-        # input of size (batch, time-step, channels), output of size (batch, time-step, head size)
-        B, T, C = x.shape
-        k = self.key(x)  # (B,T,hs)
-        q = self.query(x)  # (B,T,hs)
-        # compute attention scores ("affinities"), scaled by the head size (the video scales by C)
-        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B,T,hs) @ (B,hs,T) -> (B,T,T)
-        wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # (B,T,T)
-        wei = F.softmax(wei, dim=-1)  # (B,T,T)
-        if self.keep_wei:  # not in the lecture: the attention pictures read wei here
-            self.wei = wei.detach()  # (B,T,T)
-        wei = self.dropout(wei)
-        # perform the weighted aggregation of the values
-        v = self.value(x)  # (B,T,hs)
-        out = wei @ v  # (B,T,T) @ (B,T,hs) -> (B,T,hs)
-        return out
+def time_budget(run, cfg):
+    """ time 4 x 10 steps of the warmup (steps 10 to 50) and plan the last step to end within max_time; plan
+    again before each evaluation from the steps timed since, so that the whole budget is spent """
+    k, now = run.step - run.start_step, time.time()
+    if k in (10, 20, 30, 40, 50):
+        run.marks.append(now)
+    if k == 50:
+        tens = sorted(b - a for a, b in zip(run.marks, run.marks[1:]))
+        plan(run, cfg, sum(tens[1:3]) / 20)  # the median of the four: a busy moment is left out
+        run.t_timed, run.step_timed = now, run.step  # from here on, the time of every step counts
+    elif k > 50 and run.step % cfg.eval_interval == 0 and run.step < run.max_iters:
+        plan(run, cfg, (now - run.t_timed) / (run.step - run.step_timed))
 
 
-class MultiHeadAttention(nn.Module):
-    """ multiple heads of self-attention in parallel """
-
-    def __init__(self, config):
-        super().__init__()
-        head_size = config.n_embd // config.n_head
-        self.heads = nn.ModuleList([Head(config, head_size) for _ in range(config.n_head)])
-        self.proj = nn.Linear(head_size * config.n_head, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-        self.fused = config.fused_attention
-        self.attn_dropout = config.dropout
-
-    def forward(self, x):
-        # fused unless training on a CPU with attention dropout: PyTorch has no fused CPU kernel for
-        # that case, and its fallback is slower than the lecture's per-head code
-        if self.fused and not (self.training and self.attn_dropout > 0 and x.device.type == 'cpu'):
-            out = self.all_heads_at_once(x)  # (B,T,C)
-        else:
-            out = torch.cat([h(x) for h in self.heads], dim=-1)  # the lecture's way, head by head: (B,T,C)
-        out = self.dropout(self.proj(out))
-        return out
-
-    def all_heads_at_once(self, x):
-        """ the same heads with the same weights: one matmul for all q, k, v, then one fused kernel """
-        B, T, C = x.shape
-        nh = len(self.heads)
-        w = torch.cat([h.query.weight for h in self.heads] + [h.key.weight for h in self.heads]
-                      + [h.value.weight for h in self.heads])  # (3C,C): every head's projections stacked
-        b = None
-        if self.heads[0].query.bias is not None:
-            b = torch.cat([h.query.bias for h in self.heads] + [h.key.bias for h in self.heads]
-                          + [h.value.bias for h in self.heads])  # (3C,)
-        q, k, v = F.linear(x, w, b).split(C, dim=2)  # 3 x (B,T,C)
-        q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
-        k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
-        v = v.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
-        # softmax(q @ k^T * hs**-0.5, causal mask) @ v, as in Head, without materializing (T,T) on GPU
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
-                                             is_causal=True)  # (B,nh,T,hs)
-        return out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as torch.cat does: (B,T,C)
+def plan(run, cfg, step_s):
+    """ the run's last step, the end of its schedule and its deadline, from the seconds a step takes """
+    val_tokens = len(final_windows(run.splits['val'], cfg.block_size)[0]) * cfg.block_size
+    run.max_iters, final_s = plan_steps(cfg, run.device, run.step, step_s, time.time() - run.t_start,
+                                        run.eval_s, run.char_s, val_tokens, run.planned)  # quiet when planned
+    run.lr_decay_iters, run.planned = run.max_iters, True
+    run.deadline = run.t_start + 0.985 * cfg.max_time - final_s  # past it, the machine has slowed down
 
 
-class FeedForward(nn.Module):
-    """ a simple linear layer followed by a non-linearity """
-
-    def __init__(self, config):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.GELU() if config.activation == 'gelu' else nn.ReLU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.dropout),
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class Block(nn.Module):
-    """ Transformer block: communication followed by computation """
-
-    def __init__(self, config):
-        super().__init__()
-        self.sa = MultiHeadAttention(config)
-        self.ffwd = FeedForward(config)
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.ln2 = nn.LayerNorm(config.n_embd)
-
-    def forward(self, x):
-        x = x + self.sa(self.ln1(x))
-        x = x + self.ffwd(self.ln2(x))
-        return x
-
-
-class SinusoidalPositions(nn.Module):
-    """ the Transformer paper's position embedding: fixed sin and cos waves of falling frequency """
-
-    def __init__(self, block_size, n_embd):
-        super().__init__()
-        pos = torch.arange(block_size, dtype=torch.float32)[:, None]  # (T,1)
-        freq = 10000 ** (-torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (ceil(C/2),)
-        table = torch.zeros(block_size, n_embd)
-        table[:, 0::2] = torch.sin(pos * freq)  # PE[pos, 2i] = sin(pos / 10000^(2i/C))
-        table[:, 1::2] = torch.cos(pos * freq[:n_embd // 2])  # PE[pos, 2i+1] = cos(pos / 10000^(2i/C))
-        self.register_buffer('table', table, persistent=False)  # (T,C); computed, never saved or trained
-
-    def forward(self, pos):
-        return self.table[pos]  # looked up like nn.Embedding: (T,) -> (T,C)
-
-
-class GPTLanguageModel(nn.Module):
-    """ a decoder-only transformer that predicts the next character """
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.position_embedding == 'sinusoidal':
-            self.position_embedding_table = SinusoidalPositions(config.block_size, config.n_embd)
-        else:
-            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
-        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)  # final layer norm
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx, targets=None):
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        # idx and targets are both (B,T) tensor of integers
-        tok_emb = self.token_embedding_table(idx)  # (B,T,C)
-        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T,C)
-        x = tok_emb + pos_emb  # (B,T,C)
-        x = self.blocks(x)  # (B,T,C)
-        x = self.ln_f(x)  # (B,T,C)
-        logits = self.lm_head(x)  # (B,T,vocab_size)
-
-        if targets is None:
-            loss = None
-        else:
-            B, T, C = logits.shape
-            loss = F.cross_entropy(logits.view(B * T, C), targets.view(B * T))
-        return logits, loss
-
-    @torch.no_grad()  # the lecture samples with autograd on and, after training, with dropout on
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
-        # idx is (B, T) array of indices in the current context
-        was_training = self.training
-        self.eval()
-        try:
-            for _ in range(max_new_tokens):
-                # crop idx to the last block_size tokens
-                idx_cond = idx[:, -self.config.block_size:]  # (B, <=block_size)
-                logits, loss = self(idx_cond)
-                # focus only on the last time step
-                logits = logits[:, -1, :]  # becomes (B, C)
-                if temperature == 0:  # greedy: the most likely character, whatever the seed
-                    idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-                else:
-                    logits = logits / temperature
-                    if top_k:
-                        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
-                        logits[logits < v[:, [-1]]] = float('-inf')
-                    probs = F.softmax(logits, dim=-1)  # (B, C)
-                    idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-                # append sampled index to the running sequence
-                idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
-        finally:
-            self.train(was_training)
-        return idx
+def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens, quiet=False):
+    """
+    The time budget: the most steps (a multiple of 50) whose training, evaluations, whole-split loss and
+    sample end within max_time, from the measured seconds of a step, of estimate_loss and of sampling a
+    character.
+    """
+    token_s = eval_s / (2 * cfg.eval_iters * cfg.batch_size * cfg.block_size)  # a forward pass, per token
+    char_s = char_s or token_s * cfg.block_size  # not measured when preview_chars is 0
+    eval_s += char_s * cfg.preview_chars
+    final_s = eval_s + token_s * val_tokens + char_s * cfg.num_samples * cfg.max_new_tokens
+    left = 0.97 * cfg.max_time - elapsed - final_s  # 3% for starting up and for noise
+    n = max(step, int(step + left / (step_s + eval_s / cfg.eval_interval)) // 50 * 50)
+    rank, world = rank_and_world()
+    if world > 1:  # every process runs the first one's plan
+        n = torch.tensor([n], device=device)
+        torch.distributed.broadcast(n, 0)
+        n = n.item()
+    evals = n // cfg.eval_interval - step // cfg.eval_interval
+    end = elapsed + (n - step) * step_s + evals * eval_s + final_s
+    if not quiet:
+        print(f"time budget {cfg.max_time} s: {n} steps at {step_s * 1000:.0f} ms/step, "
+              f"done at about {format_time(end)}", flush=True)
+    return n, final_s
 
 
 # ----------------------------------------------------------------------------------------------
-# training: the loop's state, the optimizer and its schedule, the time budget, checkpoints, the loop
-
-def loop_state(cfg, checkpoint, t_begin):
-    """
-    Everything the training loop updates, in one place, and what a checkpoint saves of it: the step, the
-    run's last step (max_iters, or the time budget's plan) and the schedule's end, the best val loss, the
-    seconds spent. A resumed run takes them from its checkpoint.
-    """
-    saved = checkpoint['config'] if checkpoint else {}
-    step = checkpoint['step'] if checkpoint else 0
-    planned = saved.get('planned', True) if checkpoint else False  # a budget run plans once, at its start
-    return SimpleNamespace(
-        step=step, start_step=step, max_iters=cfg.max_iters, planned=planned,
-        lr_decay_iters=saved.get('lr_decay_iters', saved.get('max_iters', cfg.max_iters)),
-        budget=cfg.max_time > 0 and not planned, deadline=None,
-        best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),
-        elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0, t_begin=t_begin,
-        resumed_at=step if checkpoint else None,  # evaluated and saved already
-        training=cfg.max_time > 0 and not planned or step < cfg.max_iters,
-        saved_step=step if checkpoint else None, stop=[],  # a new run saves even at step 0
-        eval_s=0.0, char_s=0.0, marks=[], t_timed=None)
-
-
-def configure_optimizer(model, cfg, device):
-    """ AdamW with weight decay on the weight matrices only (not on biases and layer norms); with
-    optimizer='muon', Muon for the blocks' weight matrices and AdamW for the rest: embeddings, lm_head,
-    biases, norms """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for n, p in named if cfg.optimizer == 'muon' and n.startswith('blocks.') and p.dim() == 2]
-    params = [p for n, p in named if all(p is not m for m in matrices)]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    fused = device.type in ('cuda', 'cpu')  # one kernel for the whole update, where PyTorch has it
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
-    if not matrices:
-        return adamw
-    muon = Muon(matrices, lr=cfg.learning_rate, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                lr_scale=cfg.muon_lr_scale)
-    return MuonWithAdamW(muon, adamw)
-
+# Muon: an optimizer for the blocks' weight matrices (optimizer = 'muon', the CPU run's)
 
 def newton_schulz(G, steps=5, eps=1e-7):
     """
@@ -657,68 +1038,122 @@ class MuonWithAdamW:
         self.adamw.load_state_dict(state_dict['adamw'])
 
 
-def get_lr(step, cfg, decay_iters):
-    """ linear warmup to learning_rate, then cosine decay to min_lr at the run's planned end, decay_iters;
-    a run extended past that end goes on at min_lr """
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # from 1 down to 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+# ----------------------------------------------------------------------------------------------
+# data at scale: the text encoded once into a file on disk, then memory-mapped
+
+def read_text_chunks(path, chunk_chars=1 << 22):
+    """ the file's text, a few million characters at a time, so memory stays small for huge files """
+    with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not a character
+        while chunk := f.read(chunk_chars):
+            yield chunk
 
 
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's matrices may take a multiple of it
+def code_points(text):
+    return np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
 
 
-def time_budget(run, cfg):
-    """ time 4 x 10 steps of the warmup (steps 10 to 50) and plan the last step to end within max_time; plan
-    again before each evaluation from the steps timed since, so that the whole budget is spent """
-    k, now = run.step - run.start_step, time.time()
-    if k in (10, 20, 30, 40, 50):
-        run.marks.append(now)
-    if k == 50:
-        tens = sorted(b - a for a, b in zip(run.marks, run.marks[1:]))
-        plan(run, cfg, sum(tens[1:3]) / 20)  # the median of the four: a busy moment is left out
-        run.t_timed, run.step_timed = now, run.step  # from here on, the time of every step counts
-    elif k > 50 and run.step % cfg.eval_interval == 0 and run.step < run.max_iters:
-        plan(run, cfg, (now - run.t_timed) / (run.step - run.step_timed))
+def vocabulary(path):
+    """ chars = sorted(set(text)): the code points that occur in the file, in sorted order """
+    counts = np.zeros(0x110000, dtype=np.int64)
+    for chunk in read_text_chunks(path):
+        counts += np.bincount(code_points(chunk), minlength=0x110000)
+    return np.flatnonzero(counts)
 
 
-def plan(run, cfg, step_s):
-    """ the run's last step, the end of its schedule and its deadline, from the seconds a step takes """
-    val_tokens = len(final_windows(run.splits['val'], cfg.block_size)[0]) * cfg.block_size
-    run.max_iters, final_s = plan_steps(cfg, run.device, run.step, step_s, time.time() - run.t_start,
-                                        run.eval_s, run.char_s, val_tokens, run.planned)  # quiet when planned
-    run.lr_decay_iters, run.planned = run.max_iters, True
-    run.deadline = run.t_start + 0.985 * cfg.max_time - final_s  # past it, the machine has slowed down
+def encode_file(path, vocab, bin_path):
+    """ data = encode(text): each character's code point -> its token id, written to bin_path """
+    dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
+    lookup = np.zeros(0x110000, dtype=dtype)
+    lookup[vocab] = np.arange(len(vocab))
+    with written_atomically(bin_path) as tmp, open(tmp, 'wb') as f:  # two runs may prepare one folder at once
+        for chunk in read_text_chunks(path):
+            f.write(lookup[code_points(chunk)].tobytes())
+    return np.dtype(dtype).name
 
 
-def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens, quiet=False):
+def prepare_data(path, cache_dir):
     """
-    The time budget: the most steps (a multiple of 50) whose training, evaluations, whole-split loss and
-    sample end within max_time, from the measured seconds of a step, of estimate_loss and of sampling a
-    character.
+    The text's vocabulary and the whole text as token ids (uint16, or uint32 past 65,536 characters),
+    encoded into a file in cache_dir once, then memory-mapped: a text larger than memory still
+    trains. The cache is rebuilt when the text file changes.
     """
-    token_s = eval_s / (2 * cfg.eval_iters * cfg.batch_size * cfg.block_size)  # a forward pass, per token
-    char_s = char_s or token_s * cfg.block_size  # not measured when preview_chars is 0
-    eval_s += char_s * cfg.preview_chars
-    final_s = eval_s + token_s * val_tokens + char_s * cfg.num_samples * cfg.max_new_tokens
-    left = 0.97 * cfg.max_time - elapsed - final_s  # 3% for starting up and for noise
-    n = max(step, int(step + left / (step_s + eval_s / cfg.eval_interval)) // 50 * 50)
-    rank, world = rank_and_world()
-    if world > 1:  # every process runs the first one's plan
-        n = torch.tensor([n], device=device)
-        torch.distributed.broadcast(n, 0)
-        n = n.item()
-    evals = n // cfg.eval_interval - step // cfg.eval_interval
-    end = elapsed + (n - step) * step_s + evals * eval_s + final_s
-    if not quiet:
-        print(f"time budget {cfg.max_time} s: {n} steps at {step_s * 1000:.0f} ms/step, "
-              f"done at about {format_time(end)}", flush=True)
-    return n, final_s
+    if not os.path.isfile(path):
+        die(f"cannot read the input file '{path}': put a UTF-8 text file there or set --input_file")
+    key = dict(file=os.path.abspath(path), **text_stamp(path))
+    meta_path, bin_path = os.path.join(cache_dir, 'data.json'), os.path.join(cache_dir, 'data.bin')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+        if meta['key'] == key:
+            return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
+    except (OSError, ValueError, KeyError):
+        pass  # no cache yet, or a stale or damaged one: build it
+    try:  # an interrupted or failed preparation leaves no half-written file behind
+        vocab = vocabulary(path)
+        if len(vocab) == 0:
+            die(f"the input file '{path}' is empty: give it some text to learn from")
+        dtype = encode_file(path, vocab, bin_path)
+        meta = dict(key=key, chars=''.join(chr(c) for c in vocab), dtype=dtype)
+        with written_atomically(meta_path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(meta, f)
+    except UnicodeDecodeError as e:
+        die(f"the input file '{path}' is not UTF-8 text (bad byte at position {e.start} of a chunk): "
+            f"save it as UTF-8")
+    except OSError as e:
+        die(f"cannot encode '{path}' into {cache_dir} ({e.strerror}): free some disk space or set --out_dir")
+    return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
 
+
+def text_stamp(path):
+    """ the text file's size and time of last change: a new encoding, or a note when a text changed """
+    st = os.stat(path)
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def download(url, sha256, path):
+    """ fetch the default text once, check its checksum, write it atomically """
+    import requests
+    print(f"{path} not found: downloading tiny Shakespeare from {url}")
+    try:
+        r = requests.get(url, timeout=30)
+        r.raise_for_status()
+    except requests.RequestException as e:
+        die(f"{path} is missing and the download failed ({type(e).__name__}): "
+            f"put a UTF-8 text file at {path} or set --input_file")
+    if hashlib.sha256(r.content).hexdigest() != sha256:
+        die(f"the file downloaded from {url} has the wrong checksum: put the text at {path} yourself")
+    with written_atomically(path) as tmp, open(tmp, 'wb') as f:
+        f.write(r.content)
+
+
+def check_text_against(checkpoint, chars, cfg):
+    """ a resumed model goes on with the characters it learned; a text edited since is said """
+    if ''.join(chars) != checkpoint['chars']:
+        learned = checkpoint['config']['input_file']
+        same_file = os.path.abspath(cfg.input_file) == os.path.abspath(learned)
+        what = (f"{cfg.input_file} has changed since the model learned it" if same_file
+                else f"{cfg.input_file} is not the text the model learned ({learned})")
+        new = ''.join(sorted(set(chars) - set(checkpoint['chars'])))
+        gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
+        die(f"{what}, and its vocabulary differs (new: {new[:20]!r}, gone: {gone[:20]!r}): "
+            f"resume on the text it learned, or train a new model with another --out_dir")
+    stamp = text_stamp(cfg.input_file)
+    if checkpoint.get('text', stamp) != stamp:
+        print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved "
+              f"(same characters): training goes on with the text as it is now")
+
+
+def check_splits(splits, cfg):
+    """ each split must be longer than a block: a block of inputs and its targets, one further """
+    for split, d in splits.items():
+        if len(d) < cfg.block_size + 1:
+            die(f"{cfg.input_file} is too short for block_size={cfg.block_size}: its {split} split has "
+                f"{len(d)} characters and needs {cfg.block_size + 1}; "
+                f"use a longer text or a smaller --block_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and the log: everything needed to resume exactly or sample later, a row per evaluation
 
 def save_checkpoint(path, run, cfg):
     """ everything needed to resume exactly or to sample later; written to a temporary file, then renamed """
@@ -733,15 +1168,13 @@ def save_checkpoint(path, run, cfg):
         rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if cuda else [],
     )
     try:
-        torch.save(checkpoint, path + '.tmp')
-        os.replace(path + '.tmp', path)  # atomic: a crash mid-save leaves the previous checkpoint as it was
+        with written_atomically(path) as tmp:  # a crash mid-save leaves the previous checkpoint as it was
+            torch.save(checkpoint, tmp)
     except (OSError, RuntimeError) as e:  # torch says a full disk as "unexpected pos": say it plainly
         full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 64 << 20
         full = full or getattr(e, 'errno', 0) == errno.ENOSPC
-        why = 'no space left on the disk' if full else str(e).strip()
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
-        die(f"could not write {path} ({why.splitlines()[0][:100]}); the previous checkpoint is intact: "
+        why = 'no space left on the disk' if full else first_line(e)
+        die(f"could not write {path} ({why}); the previous checkpoint is intact: "
             f"free some disk space or set --out_dir, then resume with --init_from=resume")
 
 
@@ -809,119 +1242,10 @@ def start_log(run, cfg, checkpoint):
         rows = [row for row in rows if row and int(row[0]) <= run.step]
     header = ['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss']
     try:
-        with open(run.log_path + '.tmp', 'w', newline='') as f:
+        with written_atomically(run.log_path) as tmp, open(tmp, 'w', newline='') as f:
             csv.writer(f).writerows([header] + rows)
-        os.replace(run.log_path + '.tmp', run.log_path)
     except OSError as e:
         die(f"cannot write {run.log_path} ({e.strerror}): free some disk space or set --out_dir")
-
-
-@contextmanager
-def stop_on_signals():
-    """ Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save; a second
-    quits at once. Python takes signals in the main thread only; a notebook gets its Ctrl-C handler back """
-    stop = []
-    def on_signal(signum, frame):
-        name = 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after this step and saving (again to quit at once)", flush=True)
-        stop.append(signum)
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def train(run, cfg):
-    """ the lecture's training loop; run holds the model, the optimizer, the data and the loop's state """
-    model, optimizer, accum = run.model, run.optimizer, cfg.gradient_accumulation_steps
-    while True:
-        step = run.step
-        if run.budget:  # time the first steps, then plan how many fit in max_time
-            time_budget(run, cfg)
-        last_step = step == run.max_iters  # the loop runs max_iters + 1 times: it evaluates and saves last
-
-        # every once in a while evaluate the loss on train and val sets
-        if (step % cfg.eval_interval == 0 and not run.stopping or last_step) and step != run.resumed_at:
-            t0 = time.time()
-            losses = estimate_loss(model, run.splits, cfg, run.device, run.ctx)
-            run.eval_s = time.time() - t0
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
-            after_evaluation(run, cfg, losses, last_step, t0)
-        if step >= run.max_iters or run.stopping:
-            break
-
-        # sample a batch of data (every process draws the same one and trains on its share)
-        xb, yb = get_batch(run.splits['train'], cfg.block_size, run.batch_rows, run.device)
-
-        # evaluate the loss
-        set_lr(optimizer, get_lr(step, cfg, run.lr_decay_iters))
-        optimizer.zero_grad(set_to_none=True)  # before the micro-batches: their gradients add up
-        for x, y in micro_batches(run, xb, yb, accum):
-            with run.ctx:
-                logits, loss = model(x, y)
-            (loss / accum).backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        run.step += 1
-        after_step(run, cfg, loss)
-    run.stop[:] = run.stopping  # main() ends every process the same way
-    run.elapsed = time.time() - run.t_start
-    if run.rank == 0 and run.saved_step != run.step:  # stopped between evaluations
-        save_checkpoint(run.ckpt_path, run, cfg)
-    print(f"saved {run.ckpt_path} at step {run.step} ({format_time(run.elapsed)})", flush=True)
-
-
-def micro_batches(run, xb, yb, accum):
-    """ this process's share of the batch in accum micro-batches: one process, many, or accumulation all give
-    the same step (without dropout); under torchrun the gradients are averaged after the last one only """
-    shares = zip(xb.chunk(run.world)[run.rank].chunk(accum), yb.chunk(run.world)[run.rank].chunk(accum))
-    for micro_step, (x, y) in enumerate(shares):
-        if run.world > 1:
-            run.model.require_backward_grad_sync = micro_step == accum - 1
-        yield x, y
-
-
-def after_evaluation(run, cfg, losses, last_step, t0):
-    """ after an evaluation: the preview, at the end the whole-split loss, a log.csv row, checkpoints """
-    if cfg.preview_chars:
-        print('  ' + preview(run.raw_model, run.tokenizer, cfg, run.device, run.ctx), flush=True)
-        run.char_s = (time.time() - t0 - run.eval_s) / cfg.preview_chars
-    run.elapsed = time.time() - run.t_start
-    if run.rank == 0:  # saved first: the final loss below may take a while, and a stop skips it
-        if losses['val'] < run.best_val_loss and run.step > 0:
-            run.best_val_loss = losses['val']
-            save_checkpoint(run.best_path, run, cfg)
-        if run.step > run.start_step:
-            save_checkpoint(run.ckpt_path, run, cfg)
-            run.saved_step = run.step
-    whole = final_loss(run, cfg) if last_step else None
-    run.t_log += time.time() - t0  # ms/step counts training steps only, and so does the time budget
-    if run.t_timed:
-        run.t_timed += time.time() - t0
-    if run.rank == 0:
-        append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
-                                  f"{get_lr(run.step, cfg, run.lr_decay_iters):.3e}", f"{run.elapsed:.1f}",
-                                  '' if whole is None else f"{whole:.4f}"])
-        run.loss_curve.draw()  # out_dir/loss.png anew from log.csv
-
-
-def final_loss(run, cfg):
-    """ after the last evaluation, the loss over the whole val split, exact where the estimate has a standard
-    error of ~0.01; a huge split is read at evenly spread windows, and the line says so """
-    whole = whole_split_loss(run.model, run.splits['val'], cfg, run.device, run.ctx, run.stop)
-    starts, n = final_windows(run.splits['val'], cfg.block_size)
-    where = f"{len(starts):,} windows spread over the split's {n:,}" if len(starts) < n else 'the whole split'
-    if whole is None:
-        print(f"step {run.step}: the val loss over {where} is skipped: stopped", flush=True)
-    else:
-        print(f"step {run.step}: val loss over {where} {whole:.4f}", flush=True)
-    return whole
 
 
 def append_log(path, row):
@@ -933,67 +1257,57 @@ def append_log(path, row):
         die(f"cannot write {path} ({e.strerror}): free some disk space, then resume with --init_from=resume")
 
 
-def after_step(run, cfg, loss):
-    """ after a step: the loss and a stop shared by all processes, the deadline, a NaN check, progress """
-    lossf, late = loss.item(), float(run.deadline is not None and time.time() > run.deadline)
-    if run.world > 1:  # the mean loss of all processes; a signal to one, or a deadline, stops them all
-        signals = [signal.SIGTERM in run.stop, signal.SIGINT in run.stop]
-        shared = torch.tensor([lossf / run.world, *signals, late], device=run.device)
-        torch.distributed.all_reduce(shared)  # a sum: each signal as the number of processes that had it
-        lossf, late = shared[0].item(), shared[3].item()
-        run.stopping[:] = [sig for sig, n in zip((signal.SIGTERM, signal.SIGINT), shared[1:3].tolist()) if n]
-    if late and run.step < run.max_iters:  # the plan is kept unless the machine slows down after it
-        print(f"time budget: this machine has slowed down since the plan, so the run ends now, "
-              f"at step {run.step}")
-        run.max_iters = run.step
-    if not math.isfinite(lossf):
-        kept = f"{run.ckpt_path} is from before it" if os.path.exists(run.ckpt_path) else "nothing was saved"
-        clip = "" if cfg.grad_clip else " or set --grad_clip=1.0"
-        die(f"the loss became {lossf} at step {run.step}; {kept}: "
-            f"lower --learning_rate (now {cfg.learning_rate}){clip}")
-    if run.step % cfg.log_interval == 0:
-        print_progress(run, cfg, lossf)
-
-
-def print_progress(run, cfg, lossf):
-    """ the step, the loss, the speed and the time left, every log_interval steps """
-    now = time.time()
-    dt = (now - run.t_log) / (run.step - run.step_log)
-    evals_left = run.max_iters // cfg.eval_interval - run.step // cfg.eval_interval
-    left = dt * (run.max_iters - run.step) + (evals_left + 1) * (run.eval_s + run.char_s * cfg.preview_chars)
-    print(f"  step {run.step}/{run.max_iters} | loss {lossf:.4f} | {dt * 1000:.0f} ms/step | "
-          f"{run.tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - run.t_start)} | "
-          f"left {format_time(left)}", flush=True)
-    run.t_log, run.step_log = time.time(), run.step
-
-
-def format_time(seconds):
-    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+@contextmanager
+def written_atomically(path):
+    """ a temporary path beside path (this process's own); once written, it replaces path in one rename:
+    a reader never sees half a file, and a crash or a full disk leaves the previous file as it was """
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
-# sampling
+# the one-run lock: one training run per out_dir, and an out_dir known to be writable before it starts
 
-def preview(model, tokenizer, cfg, device, ctx):
-    """ a line sampled from a fixed seed, to watch the model learn; the training's randomness is untouched """
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    idx = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1,1): token 0, as the lecture starts
-    with ctx:
-        idx = model.generate(idx, cfg.preview_chars, cfg.temperature, cfg.top_k, generator)  # (1,1+chars)
-    return tokenizer.decode(idx[0, 1:].tolist()).replace('\n', ' / ')
+@contextmanager
+def one_run_at_a_time(out_dir, on=True):
+    """ a second training run in a busy out_dir is refused in one line that names the first; the lock is the
+    operating system's (flock on out_dir/run.lock), so a run that crashes or is killed leaves none behind """
+    if not on or fcntl is None:  # Windows has no flock: no lock there
+        yield
+        return
+    f = open(os.path.join(out_dir, 'run.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip() or 'another process'
+        f.close()
+        die(f"{out_dir} is in use by another training run ({who}): wait for it to end, stop it, "
+            f"or set --out_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # and the lock with it
 
 
-def sample(model, tokenizer, cfg, device, ctx):
-    """ print num_samples samples, each character as soon as it is generated """
-    context = tokenizer.encode(cfg.prompt) if cfg.prompt else [0]  # the lecture starts from token 0
-    for _ in range(cfg.num_samples):
-        idx = torch.tensor([context], dtype=torch.long, device=device)  # (1,T)
-        print(cfg.prompt, end='', flush=True)
-        for _ in range(cfg.max_new_tokens):
-            with ctx:
-                idx = model.generate(idx, 1, temperature=cfg.temperature, top_k=cfg.top_k)  # (1,T+1)
-            print(tokenizer.decode(idx[0, -1:].tolist()), end='', flush=True)
-        print('\n' + '-' * 40 if cfg.num_samples > 1 else '', flush=True)
+def check_out_dir(out_dir):
+    """ find out now, not after an hour of training, that checkpoints cannot be written """
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        test_file = os.path.join(out_dir, f'.write_test{os.getpid()}')
+        open(test_file, 'w').close()
+        os.remove(test_file)
+    except OSError as e:
+        die(f"cannot write to out_dir '{out_dir}' ({e.strerror}): set --out_dir to a writable folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1012,14 +1326,9 @@ def new_figure(width, height, layout=None):
 
 def save_figure(fig, path):
     """ the figure as a PNG, written to a temporary file, then renamed: a reader never sees half a picture """
-    try:
-        with warnings.catch_warnings():  # a character the font lacks is drawn as a box, without a warning
-            warnings.simplefilter('ignore')
-            fig.savefig(path + '.tmp', format='png')
-        os.replace(path + '.tmp', path)
-    finally:
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
+    with warnings.catch_warnings(), written_atomically(path) as tmp:
+        warnings.simplefilter('ignore')  # a character the font lacks is drawn as a box, without a warning
+        fig.savefig(tmp, format='png')
 
 
 def literal(text):
@@ -1096,7 +1405,7 @@ class LossCurve:
         except Exception as e:  # a picture never stops a run
             self.on = False
             why = ('cannot import matplotlib: pip install matplotlib' if isinstance(e, ImportError)
-                   else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}")
+                   else f"{type(e).__name__}: {first_line(e)}")
             print(f"{self.path} is not drawn ({why}); the run goes on without it", flush=True)
 
 
@@ -1189,248 +1498,7 @@ def check_pictures(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# the run, in the lecture's order: settings, device, seed, data, model, optimizer, train, sample
-
-def main(argv=(), model_class=None, defaults=None, t_begin=None):
-    """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py pass their own model """
-    t_begin = t_begin or time.time()  # a new run's clock, and its time budget, start here (or at t_begin)
-    if os.environ.get('RANK', '0') != '0':  # under torchrun only the first process prints, saves and samples
-        sys.stdout = open(os.devnull, 'w')
-    model_class = model_class or GPTLanguageModel
-    cfg, checkpoint = settings(argv, defaults, model_class)
-    device = start_processes(cfg)
-    torch.manual_seed(cfg.seed)
-    check_out_dir(cfg.out_dir)
-    run = loop_state(cfg, checkpoint, t_begin)
-    tokenizer, splits = load_data(cfg, checkpoint, run.training)
-    model = build_model(model_class, len(tokenizer.chars), cfg, checkpoint, device)
-    ctx = autocast(device)
-    describe(model, tokenizer, device, ctx)
-    if run.training:
-        with one_run_at_a_time(cfg.out_dir, on=rank_and_world()[0] == 0), stop_on_signals() as run.stop:
-            start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx)
-            train(run, cfg)
-        if run.stop and run.stop[0] == signal.SIGTERM:  # asked to end: saved, so go without sampling
-            raise SystemExit(128 + signal.SIGTERM)
-    rank, world = rank_and_world()
-    if world > 1:
-        run.model = None  # DistributedDataParallel freed before its process group: left to the exit,
-        gc.collect()  # it aborts a process now and then ("terminate called without an active exception")
-        torch.distributed.destroy_process_group()
-    if rank == 0:  # generate from the model
-        if cfg.attention:  # each head's attention over the prompt, into out_dir/attention.png
-            draw_prompt_attention(model, tokenizer, cfg, device)
-        sample(model, tokenizer, cfg, device, ctx)
-    return model
-
-
-def settings(argv, defaults, model_class):
-    """ the constants, the caller's defaults, a resumed run's own settings, then the command line """
-    cfg, overrides = get_config(argv, defaults)
-    for name in overrides:
-        if name in getattr(model_class, 'ignored_settings', ()):
-            die(f"{model_class.__name__} has no {name}: drop --{name}")
-    checkpoint = None
-    if cfg.init_from in ('resume', 'best'):
-        path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
-        checkpoint = load_checkpoint(path, model_class)
-        cfg = resume_config(cfg, overrides, checkpoint, path)
-    check_config(cfg)
-    if 'max_iters' in overrides:  # a step count given on the command line turns the time budget off
-        cfg.max_time = 0
-    return cfg, checkpoint
-
-
-def start_processes(cfg):
-    """ the device; under torchrun (one process per device, each given a RANK) join the others """
-    device = pick_device(cfg.device)
-    if 'RANK' not in os.environ:  # plain python gpt.py runs alone
-        return device
-    try:
-        torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-    except (ValueError, RuntimeError) as e:
-        die(f"RANK is set but torchrun did not start this process ({str(e).splitlines()[0][:80]}): "
-            f"unset RANK, or start it with torchrun")
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-        torch.cuda.set_device(device)
-    return device
-
-
-def processes_changed(before, now, cfg):
-    """ a run resumed with another number of processes trains on another number of tokens per step """
-    tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    accum = cfg.gradient_accumulation_steps * before / now
-    keep = f": set --gradient_accumulation_steps={accum:.0f} to keep them" if accum == int(accum) else ''
-    return (f"the checkpoint was trained by {before} processes, this run has {now}: {tokens * before:,} -> "
-            f"{tokens * now:,} tokens per step{keep}")
-
-
-def no_buffer_sync():
-    """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at each
-    forward: forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
-    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-    if 'forward_sync_buffers' in parameters:
-        return dict(forward_sync_buffers=False)
-    return dict(broadcast_buffers=False)
-
-
-def check_compile(device):
-    """ torch.compile needs a C++ compiler (and Triton on a GPU): find out now, not at the first step """
-    try:
-        torch.compile(lambda x: x * 2)(torch.ones(2, device=device))
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [''])[0][:100]
-        die(f"torch.compile does not work here ({type(e).__name__}: {first}): "
-            f"install a C++ compiler, or set --torch_compile=False")
-
-
-@contextmanager
-def one_run_at_a_time(out_dir, on=True):
-    """ a second training run in a busy out_dir is refused in one line that names the first; the lock is the
-    operating system's (flock on out_dir/run.lock), so a run that crashes or is killed leaves none behind """
-    if not on or fcntl is None:  # Windows has no flock: no lock there
-        yield
-        return
-    f = open(os.path.join(out_dir, 'run.lock'), 'a+')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        who = f.read().strip() or 'another process'
-        f.close()
-        die(f"{out_dir} is in use by another training run ({who}): wait for it to end, stop it, "
-            f"or set --out_dir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()  # and the lock with it
-
-
-def check_out_dir(out_dir):
-    """ find out now, not after an hour of training, that checkpoints cannot be written """
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        test_file = os.path.join(out_dir, f'.write_test{os.getpid()}')
-        open(test_file, 'w').close()
-        os.remove(test_file)
-    except OSError as e:
-        die(f"cannot write to out_dir '{out_dir}' ({e.strerror}): set --out_dir to a writable folder")
-
-
-def load_data(cfg, checkpoint, training):
-    """ the tokenizer and the splits: the text is read when there is training to do, or no checkpoint to take
-    the vocabulary from """
-    if checkpoint and 0 < cfg.max_iters < checkpoint['step']:
-        print(f"the checkpoint is at step {checkpoint['step']}, past --max_iters={cfg.max_iters}: "
-              f"sampling only")
-    elif checkpoint and not training and cfg.max_iters == checkpoint['step'] > 0:
-        print(f"the checkpoint has finished its {cfg.max_iters} steps: sampling only "
-              f"(--max_iters=N trains it on to step N)")
-    if training or not checkpoint:
-        rank, world = rank_and_world()
-        if rank > 0:
-            torch.distributed.barrier()  # the first process encodes the text, then the others read it
-        chars, splits = load_splits(cfg, checkpoint)
-        if rank == 0 and world > 1:
-            torch.distributed.barrier()
-    else:
-        chars, splits = list(checkpoint['chars']), {}
-    tokenizer = CharTokenizer(chars)
-    try:
-        tokenizer.encode(cfg.prompt)
-    except ValueError as e:
-        die(f"the prompt has {e}: change --prompt")
-    return tokenizer, splits
-
-
-def build_model(model_class, vocab_size, cfg, checkpoint, device):
-    """ the model, its shape from the checkpoint when there is one, with the checkpoint's weights """
-    names = ('block_size', 'n_embd', 'n_head', 'n_layer', 'activation', 'position_embedding', 'qkv_bias')
-    if checkpoint:
-        shape = dict(checkpoint['model_args'])
-    else:
-        shape = dict(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in names})
-    shape.setdefault('position_embedding', 'learned')  # checkpoints from before there was a choice
-    shape = {k: v for k, v in shape.items() if k in GPTConfig.__dataclass_fields__}  # older versions' too
-    config = GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})
-    model = model_class(config).to(device)
-    if cfg.attention and not attention_heads(model):  # found out before any training
-        die(f"{type(model).__name__} has no heads of self-attention to draw: drop --attention=True")
-    if checkpoint:
-        try:
-            model.load_state_dict(checkpoint['model'])
-        except RuntimeError as e:
-            die(f"the checkpoint does not fit this model ({str(e).splitlines()[0][:120]}): "
-                f"use another --out_dir")
-    return model
-
-
-def autocast(device):
-    """ ctx, the context every forward pass runs in: bf16 autocast and TF32 matmuls where the GPU has
-    them (the speed of mixed precision, no loss scaling), plain fp32 on CPU and MPS """
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        if torch.cuda.is_bf16_supported():
-            return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def describe(model, tokenizer, device, ctx):
-    config = model.config
-    print(f"device: {device}{'' if isinstance(ctx, nullcontext) else ' (bf16 autocast)'}, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
-    layers = f", {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}"
-    print(f"vocabulary: {len(tokenizer.chars)} characters; model: {type(model).__name__}"
-          f"{layers if hasattr(model, 'blocks') else ''}, block_size {config.block_size}")
-
-
-def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
-    """ the optimizer, a resumed run's random state, torch.compile and DDP, the log: what the loop needs """
-    run.rank, run.world = rank_and_world()
-    # a signal reaches each process at its own moment, maybe one before a step's all_reduce and another after:
-    # so under torchrun the loop acts on the signals all processes agree on at that all_reduce, run.stopping,
-    # and every process stops after the same step (one that stopped alone would leave the others waiting)
-    run.stopping = run.stop if run.world == 1 else []
-    run.raw_model, run.tokenizer, run.splits, run.device, run.ctx = model, tokenizer, splits, device, ctx
-    run.text = text_stamp(cfg.input_file)
-    if checkpoint and checkpoint.get('processes', 1) != run.world:
-        print(processes_changed(checkpoint.get('processes', 1), run.world, cfg))
-    if cfg.torch_compile:
-        check_compile(device)
-    run.optimizer = configure_optimizer(model, cfg, device)  # only here: slow to build, sampling needs none
-    if checkpoint:  # a resumed run continues its optimizer and its random stream
-        run.optimizer.load_state_dict(checkpoint['optimizer'])
-        torch.set_rng_state(checkpoint['rng_cpu'])
-        if cuda and checkpoint['rng_cuda']:
-            torch.cuda.set_rng_state_all(checkpoint['rng_cuda'])
-    run.model = torch.compile(model) if cfg.torch_compile else model
-    if run.world > 1:
-        run.model = torch.nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[device.index] if device.type == 'cuda' else None, **no_buffer_sync())
-    run.ckpt_path, run.best_path, run.log_path = (
-        os.path.join(cfg.out_dir, name) for name in ('ckpt.pt', 'best.pt', 'log.csv'))
-    if run.rank == 0:
-        start_log(run, cfg, checkpoint)
-    run.loss_curve = LossCurve(cfg, model, device, on=cfg.plot and run.rank == 0)
-    run.batch_rows = cfg.batch_size * cfg.gradient_accumulation_steps * run.world
-    run.tokens_per_step = run.batch_rows * cfg.block_size
-    steps = f'as many steps as fit in {cfg.max_time} s' if run.budget else f'{run.max_iters - run.step} steps'
-    print(f"training: {steps} to step {'?' if run.budget else run.max_iters}, "
-          f"{run.tokens_per_step:,} tokens per step" + (f" ({run.world} processes)" if run.world > 1 else ""),
-          flush=True)
-    run.t_start = time.time() - run.elapsed if checkpoint else run.t_begin  # a resumed run's clock goes on
-    run.t_log, run.step_log = time.time(), run.step
-
-
-# ----------------------------------------------------------------------------------------------
-# the command line: --name=value settings, checked before any time is spent (a first read can skip this)
+# the command line: --name=value settings, checked before any time is spent
 
 def read_constants(path=__file__):
     """ the constants above as {name: comment}, read from this file so --help can show the comments """
@@ -1554,6 +1622,114 @@ def pick_device(name):
     return dev
 
 
+# ----------------------------------------------------------------------------------------------
+# processes: torchrun starts one per device; the first one prints, saves and samples
+
+def rank_and_world():
+    """ this process's rank and the number of processes: (0, 1) unless started by torchrun """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def print_in_the_first_process_only():
+    """ under torchrun only the first process prints, saves and samples: the others write to nowhere """
+    if os.environ.get('RANK', '0') != '0':
+        sys.stdout = open(os.devnull, 'w')
+
+
+def processes_changed(before, now, cfg):
+    """ a run resumed with another number of processes trains on another number of tokens per step """
+    tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    accum = cfg.gradient_accumulation_steps * before / now
+    keep = f": set --gradient_accumulation_steps={accum:.0f} to keep them" if accum == int(accum) else ''
+    return (f"the checkpoint was trained by {before} processes, this run has {now}: {tokens * before:,} -> "
+            f"{tokens * now:,} tokens per step{keep}")
+
+
+def no_buffer_sync():
+    """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at each
+    forward: forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    if 'forward_sync_buffers' in parameters:
+        return dict(forward_sync_buffers=False)
+    return dict(broadcast_buffers=False)
+
+
+def check_compile(device):
+    """ torch.compile needs a C++ compiler (and Triton on a GPU): find out now, not at the first step """
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2, device=device))
+    except Exception as e:
+        die(f"torch.compile does not work here ({type(e).__name__}: {first_line(e)}): "
+            f"install a C++ compiler, or set --torch_compile=False")
+
+
+def end_processes(run):
+    """ under torchrun, leave the process group once training is done; this process's rank """
+    rank, world = rank_and_world()
+    if world > 1:
+        run.model = None  # DistributedDataParallel freed before its process group: left to the exit,
+        gc.collect()  # it aborts a process now and then ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
+    return rank
+
+
+def fail_under_torchrun(e):
+    """
+    Under torchrun, an error reads as one line at the end of the output: the root cause in the report torchrun
+    prints when a process fails. die()'s message goes to the error file torchrun gives each process, not to
+    stderr where every process would print it. A process other than the first waits 2 s first: if the first
+    failed too (the same settings, or this one's collective lost it), torchrun stops this one in the meantime
+    and reports the first; otherwise this one's error is reported, as it would be alone.
+    """
+    if 'TORCHELASTIC_RUN_ID' not in os.environ or isinstance(e, SystemExit) and not isinstance(e.code, str):
+        return  # not under torchrun, or an exit that is not an error message (SIGTERM's 143, --help)
+    if os.environ.get('RANK', '0') != '0':
+        time.sleep(2)
+    if isinstance(e, SystemExit) and os.environ.get('TORCHELASTIC_ERROR_FILE'):
+        try:
+            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+                message = dict(message=e.code, extraInfo=dict(timestamp=str(int(time.time()))))
+                json.dump(dict(message=message), f)
+        except OSError:
+            return  # printed on stderr after all
+        raise SystemExit(1) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# errors, signals and the console: one-line errors, a stop that saves, output that never breaks a run
+
+def die(message):
+    """ stop with a one-line message for the user, no traceback: every failure a user can cause """
+    raise SystemExit(f"error: {message}")
+
+
+def first_line(e, width=100):
+    """ the first line of an exception's message, cut at width: enough for a one-line error """
+    return (str(e).strip().splitlines() or [''])[0][:width]
+
+
+@contextmanager
+def stop_on_signals(stop):
+    """ Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save, each signal
+    appended to stop; a second quits at once. Python takes signals in the main thread only; a notebook gets
+    its Ctrl-C handler back """
+    def on_signal(signum, frame):
+        name = 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving (again to quit at once)", flush=True)
+        stop.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class Console:
     """ python gpt.py's output: a character the console cannot show prints as '?', and a reader that goes away
     (python gpt.py | head) stops the run as SIGTERM does, saved and without a traceback """
@@ -1582,28 +1758,6 @@ class Console:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
-
-
-def fail_under_torchrun(e):
-    """
-    Under torchrun, an error reads as one line at the end of the output: the root cause in the report torchrun
-    prints when a process fails. die()'s message goes to the error file torchrun gives each process, not to
-    stderr where every process would print it. A process other than the first waits 2 s first: if the first
-    failed too (the same settings, or this one's collective lost it), torchrun stops this one in the meantime
-    and reports the first; otherwise this one's error is reported, as it would be alone.
-    """
-    if 'TORCHELASTIC_RUN_ID' not in os.environ or isinstance(e, SystemExit) and not isinstance(e.code, str):
-        return  # not under torchrun, or an exit that is not an error message (SIGTERM's 143, --help)
-    if os.environ.get('RANK', '0') != '0':
-        time.sleep(2)
-    if isinstance(e, SystemExit) and os.environ.get('TORCHELASTIC_ERROR_FILE'):
-        try:
-            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
-                message = dict(message=e.code, extraInfo=dict(timestamp=str(int(time.time()))))
-                json.dump(dict(message=message), f)
-        except OSError:
-            return  # printed on stderr after all
-        raise SystemExit(1) from None
 
 
 if __name__ == '__main__':
