@@ -411,10 +411,8 @@ class GPTLanguageModel(nn.Module):
 def configure_optimizer(model, cfg, device):
     """ the lecture's torch.optim.AdamW, or with optimizer='muon', Muon for the blocks' weight
     matrices and AdamW for the rest (embeddings, lm_head, biases, norms) """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for n, p in named
-                if cfg.optimizer == 'muon' and n.startswith('blocks.') and p.dim() == 2]
-    params = [p for n, p in named if all(p is not m for m in matrices)]
+    matrices = muon_matrices(model) if cfg.optimizer == 'muon' else []
+    params = [p for p in model.parameters() if p.requires_grad and all(p is not m for m in matrices)]
     # weight decay on the weight matrices only, not on biases and layer norms
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
@@ -602,8 +600,8 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
     return model
 
 
-# The script runs main() from its last lines (if __name__ == '__main__', at the end of the file),
-# once everything below the divider is defined.
+# The script runs main() from its last lines (run_script, at the end of the file), once everything
+# below the divider is defined.
 
 
 # ==============================================================================================
@@ -611,7 +609,7 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
 #   setup that main calls       settings, start_processes, load_data, build_model, autocast, ...
 #   loop helpers                micro_batches, after_step, after_evaluation, the final loss
 #   the time budget             time_budget, plan, plan_steps
-#   Muon                        newton_schulz, Muon, MuonWithAdamW
+#   Muon                        muon_matrices, newton_schulz, Muon, MuonWithAdamW
 #   data at scale               prepare_data: the text encoded once into a file, memory-mapped
 #   checkpoints and the log     save_checkpoint, load_checkpoint, keep_previous_run, start_log
 #   the one-run lock            one_run_at_a_time, check_out_dir
@@ -631,6 +629,7 @@ import re
 import shutil
 import socket
 import sys
+import textwrap
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -670,7 +669,7 @@ def start_processes(cfg):
     try:
         torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
     except (ValueError, RuntimeError) as e:
-        die(f"RANK is set but torchrun did not start this process ({first_line(e, 80)}): "
+        die(f"RANK is set but torchrun did not start this process ({first_line(e, 120)}): "
             f"unset RANK, or start it with torchrun")
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
@@ -696,12 +695,10 @@ def load_data(cfg, checkpoint, training):
             torch.distributed.barrier()
     else:
         chars, splits = list(checkpoint['chars']), {}
-    tokenizer = CharTokenizer(chars)
-    try:
-        tokenizer.encode(cfg.prompt)
-    except ValueError as e:
-        die(f"the prompt has {e}: change --prompt")
-    return tokenizer, splits
+    unknown = ''.join(sorted(set(cfg.prompt) - set(chars)))
+    if unknown:
+        die(f"the prompt has characters the model never saw: {shown(unknown)}: change --prompt")
+    return CharTokenizer(chars), splits
 
 
 def build_model(model_class, vocab_size, cfg, checkpoint, device):
@@ -717,6 +714,9 @@ def build_model(model_class, vocab_size, cfg, checkpoint, device):
     model = model_class(config).to(device)
     if cfg.attention and not attention_heads(model):  # found out before any training
         die(f"{type(model).__name__} has no heads of self-attention to draw: drop --attention=True")
+    if cfg.optimizer == 'muon' and not checkpoint and not muon_matrices(model):
+        die(f"{type(model).__name__} has no blocks of weight matrices for Muon to train: "
+            f"use --optimizer=adamw")
     if checkpoint:
         try:
             model.load_state_dict(checkpoint['model'])
@@ -777,7 +777,8 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
     run.loss_curve = LossCurve(cfg, model, device, on=cfg.plot and run.rank == 0)
     run.batch_rows = cfg.batch_size * cfg.gradient_accumulation_steps * run.world
     run.tokens_per_step = run.batch_rows * cfg.block_size
-    steps = f'as many steps as fit in {cfg.max_time} s' if run.budget else f'{run.max_iters - run.step} steps'
+    steps = plural(run.max_iters - run.step, 'step')
+    steps = f'as many steps as fit in {cfg.max_time} s' if run.budget else steps
     print(f"training: {steps} to step {'?' if run.budget else run.max_iters}, "
           f"{run.tokens_per_step:,} tokens per step" + (f" ({run.world} processes)" if run.world > 1 else ""),
           flush=True)
@@ -830,6 +831,11 @@ def print_progress(run, cfg, lossf):
           f"{run.tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - run.t_start)} | "
           f"left {format_time(left)}", flush=True)
     run.t_log, run.step_log = time.time(), run.step
+
+
+def plural(n, word):
+    """ '1 step', '2 steps' """
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def format_time(seconds):
@@ -968,6 +974,12 @@ def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens, q
 # ----------------------------------------------------------------------------------------------
 # Muon: an optimizer for the blocks' weight matrices (optimizer = 'muon', the CPU run's)
 
+def muon_matrices(model):
+    """ the weight matrices Muon trains: the blocks' 2-D weights (attention and feed-forward) """
+    return [p for n, p in model.named_parameters()
+            if p.requires_grad and n.startswith('blocks.') and p.dim() == 2]
+
+
 def newton_schulz(G, steps=5, eps=1e-7):
     """
     Orthogonalize G = U S V^T to about U V^T (its singular values moved into ~[0.7, 1.2]) by 5 steps of a
@@ -1097,11 +1109,21 @@ def prepare_data(path, cache_dir):
         with written_atomically(meta_path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
             json.dump(meta, f)
     except UnicodeDecodeError as e:
-        die(f"the input file '{path}' is not UTF-8 text (bad byte at position {e.start} of a chunk): "
-            f"save it as UTF-8")
+        die(not_utf8(path, e))
     except OSError as e:
         die(f"cannot encode '{path}' into {cache_dir} ({e.strerror}): free some disk space or set --out_dir")
     return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
+
+
+def not_utf8(path, e):
+    """ what to say of a text that is not UTF-8: UTF-16 (as some editors save) is named, with the fix """
+    with open(path, 'rb') as f:
+        head = f.read(1024)
+    if head[:2] in (b'\xff\xfe', b'\xfe\xff') or head.count(0) > len(head) // 4:
+        return (f"the input file '{path}' is UTF-16 text, not UTF-8: save it as UTF-8 "
+                f"(e.g. iconv -f UTF-16 -t UTF-8 '{path}' > input-utf8.txt, then --input_file=input-utf8.txt)")
+    return (f"the input file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} cannot be read): "
+            f"save it as UTF-8")
 
 
 def text_stamp(path):
@@ -1135,7 +1157,7 @@ def check_text_against(checkpoint, chars, cfg):
                 else f"{cfg.input_file} is not the text the model learned ({learned})")
         new = ''.join(sorted(set(chars) - set(checkpoint['chars'])))
         gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
-        die(f"{what}, and its vocabulary differs (new: {new[:20]!r}, gone: {gone[:20]!r}): "
+        die(f"{what}, and its vocabulary differs (new: {shown(new[:20])}, gone: {shown(gone[:20])}): "
             f"resume on the text it learned, or train a new model with another --out_dir")
     stamp = text_stamp(cfg.input_file)
     if checkpoint.get('text', stamp) != stamp:
@@ -1163,7 +1185,7 @@ def save_checkpoint(path, run, cfg):
         config={**vars(cfg), 'max_iters': run.max_iters, 'lr_decay_iters': run.lr_decay_iters,
                 'planned': run.planned,  # the settings, with the loop's plan
                 'input_file': os.path.abspath(cfg.input_file)},  # found again from any folder
-        text=run.text, processes=run.world,
+        text=run.text, processes=run.world, command=command_of(type(run.raw_model)),
         step=run.step, best_val_loss=run.best_val_loss, elapsed=run.elapsed, chars=run.tokenizer.chars,
         rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if cuda else [],
     )
@@ -1190,6 +1212,10 @@ def load_checkpoint(path, model_class):
         die(f"{path} is damaged or not a checkpoint of gpt.py ({type(e).__name__}): "
             f"delete it, or use --init_from=scratch")
     if checkpoint['model_class'] != model_class.__name__:
+        other = checkpoint.get('command')  # how the run that saved it was started
+        if other and other != command_of(model_class):
+            die(f"{path} holds a {checkpoint['model_class']}, not a {model_class.__name__}: "
+                f"resume or sample it with {other} --out_dir={os.path.dirname(path) or '.'}")
         die(f"{path} holds a {checkpoint['model_class']}, not a {model_class.__name__}: "
             f"use another --out_dir")
     return checkpoint
@@ -1198,15 +1224,24 @@ def load_checkpoint(path, model_class):
 def no_checkpoint(path, model_class):
     """ what to say when there is no checkpoint to resume or sample from, and what to do instead """
     folder, name = os.path.split(path)
-    script = os.path.basename(sys.modules[model_class.__module__].__file__)  # gpt.py, bigram.py, ...
     if name == 'best.pt' and os.path.exists(os.path.join(folder, 'ckpt.pt')):
         return f"no checkpoint at {path} (a run saves one when its val loss improves): use --init_from=resume"
+    busy = lock_holder(folder)
+    if busy:
+        return (f"no checkpoint at {path} yet: a run is training in {folder} ({busy}) and saves at its "
+                f"first evaluation: wait for it, or set --out_dir")
     kept = os.path.join(folder, 'previous')
     earlier = ''
     if os.path.isdir(kept) and os.listdir(kept):
         latest = os.path.join(kept, sorted(os.listdir(kept))[-1])
         earlier = f"; earlier runs are kept in {kept}, e.g. --out_dir={latest}"
-    return f"no checkpoint at {path}: train one first (python {script}), or set --out_dir{earlier}"
+    return f"no checkpoint at {path}: train one first ({command_of(model_class)}), or set --out_dir{earlier}"
+
+
+def command_of(model_class):
+    """ the command that trains model_class: python gpt.py, python bigram.py, ... (saved with it) """
+    script = os.path.basename(sys.modules[model_class.__module__].__file__)
+    return getattr(model_class, 'command', f"python {script}")
 
 
 def keep_previous_run(out_dir):
@@ -1297,6 +1332,19 @@ def one_run_at_a_time(out_dir, on=True):
         yield
     finally:
         f.close()  # and the lock with it
+
+
+def lock_holder(out_dir):
+    """ the training run that holds out_dir's lock now, as its lock file names it; None if none """
+    path = os.path.join(out_dir, 'run.lock')
+    if fcntl is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken only while no run holds it
+        except OSError:
+            return f.read().strip() or 'another process'
+    return None
 
 
 def check_out_dir(out_dir):
@@ -1588,12 +1636,15 @@ def check_config(cfg):
 def resume_config(cfg, overrides, checkpoint, path):
     """ a resumed run is the same run: the checkpoint's settings, then the command line's, in one line """
     saved = {'optimizer': 'adamw', **checkpoint['config']}  # a checkpoint from before Muon: AdamW's state
-    shape = {**checkpoint['model_args'], 'optimizer': saved['optimizer']}  # its state fits no other optimizer
+    shape = checkpoint['model_args']
     fixed = [k for k, v in overrides.items()
              if k in shape and v != shape[k] and k not in ('dropout', 'fused_attention')]
     if fixed:
         die(f"a trained model keeps its shape ({', '.join(f'{k}={shape[k]!r}' for k in fixed)}): drop "
             f"{' '.join(f'--{k}' for k in fixed)}, or train a new model with another --out_dir")
+    if overrides.get('optimizer', saved['optimizer']) != saved['optimizer']:  # its state fits no other
+        die(f"a run keeps its optimizer ({path} was trained with optimizer={saved['optimizer']!r}): "
+            f"drop --optimizer, or train a new model with another --out_dir")
     if overrides.get('max_time', saved.get('max_time')) != saved.get('max_time'):
         die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
             f"set --max_iters=N to train it longer")
@@ -1706,8 +1757,13 @@ def die(message):
 
 
 def first_line(e, width=100):
-    """ the first line of an exception's message, cut at width: enough for a one-line error """
-    return (str(e).strip().splitlines() or [''])[0][:width]
+    """ the first line of an exception's message, shortened at a word to width: for a one-line error """
+    return textwrap.shorten((str(e).strip().splitlines() or [''])[0], width, placeholder='...')
+
+
+def shown(text):
+    """ text in quotes as a user typed it: a backslash stays one, a newline or a tab shows as \\n, \\t """
+    return "'" + ''.join(c if c.isprintable() else c.encode('unicode_escape').decode() for c in text) + "'"
 
 
 @contextmanager
@@ -1760,12 +1816,19 @@ class Console:
         return getattr(self.stream, name)
 
 
-if __name__ == '__main__':
+def run_script(main_function, **kwargs):
+    """ python gpt.py, bigram.py and lecture_steps.py all start here: main_function(argv) with the
+    clock from the script's start, output that never breaks the run (Console), a quiet exit on a
+    second Ctrl-C, and an error as torchrun reports it """
     sys.stdout = Console(sys.stdout)
     try:
-        main(sys.argv[1:], t_begin=started)
+        main_function(sys.argv[1:], t_begin=started, **kwargs)
     except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
         raise SystemExit(130)
     except BaseException as e:
         fail_under_torchrun(e)
         raise
+
+
+if __name__ == '__main__':
+    run_script(main)

@@ -8,14 +8,13 @@ gpt.py's own parts, and the data, training loop and sampling are gpt.py's, as in
     python lecture_steps.py --step=2                    # 4 heads of self-attention (video: val loss 2.28)
     python lecture_steps.py --step=5 --max_iters=1000   # takes the same settings as gpt.py
 """
-import sys
+import gpt  # first: the time budget's clock starts when gpt.py is imported, before torch loads
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import bigram
-import gpt
 
 # hyperparameters: the lecture's settings for its small models (every other constant is gpt.py's)
 defaults = dict(
@@ -78,6 +77,9 @@ class LectureStep(nn.Module):
 
     generate = gpt.GPTLanguageModel.generate  # the same sampling code as the GPT
 
+    # settings of gpt.py's model that a step does not have: refused on the command line, not ignored
+    ignored_settings = ('position_embedding',)  # a learned table at every step
+
 
 class OneHeadModel(LectureStep):
     """ step 1: each token reads the tokens before it through one head of self-attention """
@@ -85,6 +87,8 @@ class OneHeadModel(LectureStep):
     def __init__(self, config):
         super().__init__(config)
         self.sa_head = gpt.Head(config, head_size=config.n_embd)
+
+    ignored_settings = LectureStep.ignored_settings + ('n_head', 'n_layer', 'activation', 'fused_attention')
 
     def body(self, x):
         return self.sa_head(x)  # apply one head of self-attention: (B,T,C)
@@ -97,6 +101,8 @@ class MultiHeadModel(LectureStep):
         super().__init__(config)
         self.sa_heads = heads_without_proj(config)
 
+    ignored_settings = LectureStep.ignored_settings + ('n_layer', 'activation')
+
     def body(self, x):
         return self.sa_heads(x)  # apply multi-head self-attention: (B,T,C)
 
@@ -108,6 +114,8 @@ class FeedForwardModel(LectureStep):
         super().__init__(config)
         self.sa_heads = heads_without_proj(config)
         self.ffwd = FirstFeedForward(config)
+
+    ignored_settings = LectureStep.ignored_settings + ('n_layer',)
 
     def body(self, x):
         x = self.sa_heads(x)  # apply multi-head self-attention: (B,T,C)
@@ -227,7 +235,7 @@ def print_steps():
     print("Step K saves to out-step<K>. Below, gpt.py's settings, with the lecture's values for this step (or step 1):")
 
 
-def main(argv):
+def main(argv, t_begin=None):
     """ python lecture_steps.py --step=K [--name=value ...]: gpt.main with step K's model and settings """
     step, rest = read_step(argv)
     if '-h' in rest or '--help' in rest:
@@ -236,11 +244,8 @@ def main(argv):
     elif step is None:
         gpt.die(f"name a step: --step=K with K one of {', '.join(map(str, steps))} (see --help)")
     model_class, step_defaults = step_settings(1 if step is None else step)
-    return gpt.main(rest, model_class=model_class, defaults=step_defaults)
+    return gpt.main(rest, model_class=model_class, defaults=step_defaults, t_begin=t_begin)
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except KeyboardInterrupt:
-        raise SystemExit(130)
+    gpt.run_script(main)  # as python gpt.py runs
