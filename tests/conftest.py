@@ -1,11 +1,15 @@
+import csv
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import gpt  # noqa: E402  (importable once ROOT is on the path)
 
 # a model small enough that a whole run takes a second or two on a CPU
 TINY = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4',
@@ -26,3 +30,23 @@ def run_script(cwd, *args, script='gpt.py', timeout=120):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models run best on one thread, and tests run side by side
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def log_rows(folder):
+    return list(csv.DictReader(open(folder / 'log.csv')))
+
+
+def error_of(argv, **kwargs):
+    """ gpt.main in this process stopped with one line: that line """
+    with pytest.raises(SystemExit) as e:
+        gpt.main(argv, **kwargs)
+    assert str(e.value.code).startswith('error: ') and '\n' not in str(e.value.code)
+    return str(e.value.code)
+
+
+def snapshot(folder):
+    return {name: (folder / 'out' / name).read_bytes() for name in ('ckpt.pt', 'best.pt')}

@@ -1,14 +1,19 @@
 """ every bad input ends in one line that says what to do, before training, with no checkpoint changed """
 import os
 import shutil
+import subprocess
+import sys
+from collections import namedtuple
 
 import pytest
 import torch
 
 import gpt
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, error_of, run_script, snapshot
 from test_cli import one_line_error
 
+
+# bad settings
 
 @pytest.mark.parametrize('args, expected', [
     (['--input_file=nothere.txt'], 'nothere.txt'),
@@ -30,11 +35,47 @@ def test_bad_settings_stop_before_training_with_one_line(workdir, args, expected
     assert 'step 0' not in p.stdout
 
 
+@pytest.mark.parametrize('args, expected', [
+    (['--beta1=1.5'], 'beta1 must be at least 0 and below 1'),
+    (['--beta2=-1'], 'beta2 must be at least 0 and below 1'),
+    (['--seed=18446744073709551616'], 'seed must be'),
+    (['--temperature=1e-40'], '--temperature=0'),
+    (['--learning_rate=1e999'], 'learning_rate must be a finite number'),
+    (['--input_file=.'], "input file '.'"),
+    (['--max_iter=5'], "did you mean max_iters"),
+    (['--zzzz=5'], "unknown setting 'zzzz': see --help"),
+    (['--max_iters=lots'], 'takes an int'),
+])
+def test_settings_that_cannot_work_are_one_line(workdir, monkeypatch, args, expected):
+    monkeypatch.chdir(workdir)
+    assert expected in error_of([*TINY, *args])
+    assert not (workdir / 'out' / 'ckpt.pt').exists()
+
+
+def test_a_stray_rank_variable_is_one_line(workdir):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'gpt.py'), *TINY], cwd=workdir, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, 'RANK': '0', 'OMP_NUM_THREADS': '1'})
+    assert 'torchrun' in one_line_error(p)
+
+
+def test_torch_compile_without_a_compiler_is_one_line_before_anything_moves(workdir):
+    assert run_script(workdir, *TINY).returncode == 0
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'gpt.py'), *TINY, '--torch_compile=True'], cwd=workdir,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', 'CXX': '/no/such/compiler'})
+    assert 'torch.compile does not work here' in one_line_error(p) and '--torch_compile=False' in p.stderr
+    assert not (workdir / 'out' / 'previous').exists() and (workdir / 'out' / 'ckpt.pt').exists()
+
+
+# bad text files
+
 @pytest.mark.parametrize('content, expected', [(b'', 'empty'), (b'caf\xe9 au lait\n' * 50, 'not UTF-8')])
 def test_bad_text_files(workdir, content, expected):
     (workdir / 'bad.txt').write_bytes(content)
     assert expected in one_line_error(run_script(workdir, *TINY, '--input_file=bad.txt'))
 
+
+# damaged or mismatched checkpoints
 
 @pytest.fixture(scope='module')
 def trained_once(tmp_path_factory):
@@ -49,10 +90,6 @@ def trained(trained_once, tmp_path):
     """ a folder with a text and the checkpoints of a tiny run on it, fresh for each test """
     shutil.copytree(trained_once, tmp_path, dirs_exist_ok=True)
     return tmp_path
-
-
-def snapshot(folder):
-    return {name: (folder / 'out' / name).read_bytes() for name in ('ckpt.pt', 'best.pt')}
 
 
 def test_a_truncated_checkpoint(trained):
@@ -84,6 +121,8 @@ def test_a_prompt_the_checkpoint_never_saw(trained):
     assert "'€'" in line
 
 
+# a loss that becomes NaN
+
 def test_a_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(trained):
     before = snapshot(trained)
     line = one_line_error(run_script(trained, *TINY, '--init_from=resume', '--max_iters=40',
@@ -91,6 +130,14 @@ def test_a_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(traine
     assert 'at step 22;' in line and 'learning_rate' in line
     assert snapshot(trained) == before
 
+
+def test_a_loss_that_becomes_nan_gives_advice_that_fits(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    line = error_of([*TINY, '--learning_rate=1e30', '--min_lr=1e30', '--warmup_iters=0'])
+    assert 'nothing was saved' in line and 'grad_clip' not in line  # grad_clip is already on
+
+
+# a full disk
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, monkeypatch):
     path = str(trained / 'out' / 'ckpt.pt')
@@ -109,3 +156,51 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, monke
         gpt.save_checkpoint(path, run, cfg)
     assert open(path, 'rb').read() == before
     assert torch.load(path, weights_only=True)['step'] == 20
+
+
+def no_space_for(*names):
+    """ open() for gpt.py that fails as a full disk does when writing a file of these names """
+    def failing_open(path, mode='r', *args, **kwargs):
+        if any(n in str(path) for n in names) and mode[0] in 'wa':
+            raise OSError(28, 'No space left on device')
+        return open(path, mode, *args, **kwargs)
+    return failing_open
+
+
+def test_a_full_disk_when_the_log_is_written_is_one_line(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(gpt, 'open', no_space_for('log.csv'), raising=False)
+    assert 'No space left on device' in error_of(TINY)
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    gpt.main([*TINY, '--out_dir=first'])
+    monkeypatch.setattr(gpt, 'open', no_space_for('log.csv'), raising=False)
+    line = error_of(['--device=cpu', '--init_from=resume', '--out_dir=first', '--max_iters=30'])
+    assert 'No space left on device' in line and 'free some disk space' in line
+
+
+def test_a_full_disk_when_a_checkpoint_is_written_says_so(tmp_path, monkeypatch):
+    def torch_on_a_full_disk(obj, path):
+        open(path, 'wb').write(b'half')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0')
+    monkeypatch.setattr(torch, 'save', torch_on_a_full_disk)
+    monkeypatch.setattr(gpt.shutil, 'disk_usage', lambda p: namedtuple('usage', 'total used free')(1, 1, 0))
+    model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=8, n_head=2, n_layer=1))
+    run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, text={}, world=1,
+                              optimizer=torch.optim.AdamW(model.parameters()), tokenizer=gpt.CharTokenizer('abc'),
+                              max_iters=20, lr_decay_iters=20, planned=True)
+    with pytest.raises(SystemExit) as e:
+        gpt.save_checkpoint(str(tmp_path / 'ckpt.pt'), run, gpt.get_config([])[0])
+    assert 'no space left on the disk' in str(e.value) and 'enforce' not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+# a console that cannot show the characters
+
+def test_a_console_that_cannot_show_the_texts_characters_prints_question_marks(workdir):
+    (workdir / 'zh.txt').write_text('床前明月光，疑是地上霜。举头望明月，低头思故乡。\n' * 100, encoding='utf-8')
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'gpt.py'), *TINY, '--input_file=zh.txt'], cwd=workdir,
+                       capture_output=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1',
+                                                               'PYTHONIOENCODING': 'cp1252'})
+    assert p.returncode == 0 and b'Traceback' not in p.stderr, p.stderr
+    assert b'???' in p.stdout and b'saved out' in p.stdout

@@ -1,16 +1,17 @@
-""" the time budget: a run times its first steps, plans how many fit in max_time, and keeps to the plan """
+""" the time budget: a run times its first steps, plans how many fit in max_time, and keeps to the plan; and the
+learning-rate schedule """
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import gpt
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, log_rows
 from test_cli import STEP_LINE
 
 NO_STEPS = [a for a in TINY if not a.startswith('--max_iters')]  # so max_time picks the steps
@@ -102,3 +103,23 @@ def test_a_machine_that_slows_after_the_plan_still_ends_in_time(workdir, monkeyp
     assert 'has slowed down since the plan, so the run ends now' in out and 'whole split' in out
     last = int(STEP_LINE.findall(out)[-1][0])
     assert 50 <= last < 10 ** 6 and torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)['step'] == last
+
+
+# the learning-rate schedule
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    cfg = SimpleNamespace(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10)
+    lrs = [gpt.get_lr(s, cfg, 100) for s in range(101)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert max(lrs) == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_training_on_past_the_end_goes_on_at_min_lr(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    gpt.main(TINY)
+    gpt.main(['--device=cpu', '--init_from=resume', '--max_iters=40'])
+    lrs = {int(r['step']): float(r['lr']) for r in log_rows(workdir / 'out')}
+    assert lrs[20] == lrs[30] == lrs[40] == pytest.approx(gpt.min_lr)  # no jump back up the schedule
+    assert lrs[10] > lrs[20]

@@ -1,4 +1,5 @@
 """ the scripts run as a user runs them: python gpt.py, python bigram.py, and their settings """
+import os
 import re
 import subprocess
 import sys
@@ -26,12 +27,37 @@ def test_gpt_trains_prints_the_lectures_step_lines_and_a_sample(workdir):
     assert len(sample.strip()) > 10
 
 
+def test_max_iters_0_without_a_checkpoint_samples_the_untrained_model(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    gpt.main([*TINY, '--max_iters=0', '--prompt=ROMEO:'])
+    out = capsys.readouterr().out
+    assert not STEP_LINE.findall(out) and len(out.split('ROMEO:', 1)[1].strip()) > 10
+    assert not (workdir / 'out' / 'ckpt.pt').exists()
+
+
 def test_bigram_loss_falls_like_the_lectures(workdir):
     p = run_script(workdir, '--device=cpu', '--max_iters=1500', '--eval_interval=500', '--eval_iters=20',
                    '--max_new_tokens=50', script='bigram.py')
     assert p.returncode == 0, p.stderr
     vals = [float(v) for _, _, v in STEP_LINE.findall(p.stdout)]
     assert 4.0 < vals[0] < 5.0 and vals[-1] < 2.8
+
+
+def test_bigram_says_what_model_it_is(workdir):
+    p = run_script(workdir, '--device=cpu', '--max_iters=10', '--eval_iters=2', '--max_new_tokens=5', script='bigram.py')
+    assert p.returncode == 0, p.stderr
+    assert 'model: BigramLanguageModel, block_size 8' in p.stdout and 'layers' not in p.stdout
+
+
+def test_bigram_names_itself_and_the_kept_runs_and_refuses_what_it_has_not(workdir):
+    args = ['--device=cpu', '--max_iters=10', '--eval_iters=2', '--max_new_tokens=5', '--out_dir=b']
+    assert 'BigramLanguageModel has no n_layer' in one_line_error(run_script(workdir, *args, '--n_layer=4',
+                                                                             script='bigram.py'))
+    assert run_script(workdir, *args, script='bigram.py').returncode == 0
+    assert run_script(workdir, *args, script='bigram.py').returncode == 0  # the first run is kept in previous/
+    os.remove(workdir / 'b' / 'ckpt.pt')
+    line = one_line_error(run_script(workdir, '--device=cpu', '--init_from=resume', '--out_dir=b', script='bigram.py'))
+    assert 'python bigram.py' in line and os.path.join('b', 'previous') in line
 
 
 def test_same_seed_same_losses(workdir, monkeypatch, capsys):
