@@ -589,7 +589,7 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
             # optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate), and the rest
             start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx)
             train(run, cfg)
-        if run.stop and run.stop[0] == signal.SIGTERM:  # asked to end: saved, so no sample
+        if signal.SIGTERM in run.stop:  # asked to end: saved, so no sample
             raise SystemExit(128 + signal.SIGTERM)
     # generate from the model (under torchrun, the first process, once the others are done)
     if end_processes(run) == 0:
@@ -1768,22 +1768,35 @@ def shown(text):
 
 @contextmanager
 def stop_on_signals(stop):
-    """ Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save, each signal
-    appended to stop; a second quits at once. Python takes signals in the main thread only; a notebook gets
-    its Ctrl-C handler back """
+    """
+    Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save, each
+    signal appended to stop. SIGTERM comes in twos and threes (a scheduler signals every process of a
+    job, and torchrun passes each one on): any number are one stop, and a process stopped by it
+    ignores more up to its exit (a scheduler that wants it gone sooner sends SIGKILL; a caller of
+    main() that goes on after its SystemExit(143) has SIGTERM ignored). A second Ctrl-C, from a
+    person, quits at once. Python takes signals in the main thread only; a notebook gets its Ctrl-C
+    handler back.
+    """
     def on_signal(signum, frame):
-        name = 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after this step and saving (again to quit at once)", flush=True)
+        if signum == signal.SIGTERM and signum in stop:  # the same stop, asked again
+            return
         stop.append(signum)
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)
+            print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit at once)",
+                  flush=True)
+        else:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving", flush=True)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
+        # a run stopped by SIGTERM is on its way out (main() exits 143): SIGTERM is ignored up to
+        # the exit, Python's shutdown included (where it would be SIGTERM's default again)
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and sig in stop else handler)
 
 
 class Console:
