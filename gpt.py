@@ -491,6 +491,7 @@ def loop_state(cfg, checkpoint, t_begin):
         splits=None,  # main's: the train and val token ids
         device=None,  # main's: where it computes
         ctx=None,  # main's: the precision every forward runs in
+        scaler=None,  # main's: fp16's loss scaling (GradScaler); in bf16 and fp32 it passes through
         text=None,  # the text file's size and time of change: an edit is noticed on resume
         batch_rows=None,  # rows of a step's batch: batch_size x accumulation x processes
         tokens_per_step=None,  # batch_rows x block_size
@@ -503,6 +504,7 @@ def loop_state(cfg, checkpoint, t_begin):
 def train(run, cfg):
     """ the lecture's training loop; run holds the model, the optimizer, the data and the state """
     model, optimizer, accum = run.model, run.optimizer, cfg.gradient_accumulation_steps
+    scaler = run.scaler  # fp16's loss scaling (GradScaler); in bf16 and fp32 its calls pass through
     while True:
         step = run.step
         if run.budget:  # time the first steps, then plan how many fit in max_time
@@ -531,10 +533,12 @@ def train(run, cfg):
         for x, y in micro_batches(run, xb, yb, accum):
             with run.ctx:
                 logits, loss = model(x, y)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()  # (loss / accum).backward(), scaled in fp16
         if cfg.grad_clip:
+            scaler.unscale_(optimizer)  # fp16: the true gradients, to clip
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(); in fp16 skipped when a gradient overflowed
+        scaler.update()  # fp16: the scale halves after an overflow, doubles after 2000 clean steps
         run.step += 1
         # the loss shared by all processes, a stop, the time budget's deadline, a NaN, progress
         after_step(run, cfg, loss)
@@ -580,14 +584,14 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
     tokenizer, splits = load_data(cfg, checkpoint, run.training)
     # model = GPTLanguageModel(); m = model.to(device)
     model = build_model(model_class, len(tokenizer.chars), cfg, checkpoint, device)
-    ctx = autocast(device)  # the precision every forward runs in
+    ctx, scaler = autocast(device)  # the precision every forward runs in, and fp16's loss scaler
     # print the number of parameters in the model
-    describe(model, tokenizer, device, ctx)
+    describe(model, tokenizer, device)
     if run.training:
         # one run at a time in out_dir; Ctrl-C or SIGTERM stops it after a step, saved
         with one_run_at_a_time(cfg.out_dir, on=run.rank == 0), stop_on_signals(run.signals):
             # optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate), and the rest
-            start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx)
+            start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx, scaler)
             train(run, cfg)
         if signal.SIGTERM in run.stop:  # asked to end: saved, so no sample
             raise SystemExit(128 + signal.SIGTERM)
@@ -726,28 +730,53 @@ def build_model(model_class, vocab_size, cfg, checkpoint, device):
     return model
 
 
+def precision(device):
+    """ what every forward pass computes in on device: 'bf16', 'fp16' or 'fp32' """
+    if device.type != 'cuda':
+        return 'fp32'  # CPU and MPS: bf16 autocast measured slower than fp32 on CPU at these sizes
+    # bf16 where the GPU has it in hardware: compute capability 8.0 (A100, RTX 30xx) and later. Not
+    # torch.cuda.is_bf16_supported(): from PyTorch 2.3 on it counts emulation, True on a T4 (7.5),
+    # whose bf16 matmuls are emulated, slow, and refused by torch.compile's Triton. (Nor its
+    # including_emulation=False: that asks about the current device, this about device itself.)
+    if torch.cuda.get_device_capability(device) >= (8, 0):
+        return 'bf16'
+    # Older GPUs (T4, V100: 7.x) run fp16 on tensor cores at about 8x their fp32 speed. fp16's range
+    # (up to 65504) holds this model's activations: every matmul takes a LayerNorm's output, the
+    # embeddings and the residual stream stay fp32, and autocast runs softmax, LayerNorm and the
+    # cross-entropy in fp32. Its short exponent would flush small gradients to zero: the GradScaler
+    # scales the loss up before backward and the gradients back down before the step.
+    return 'fp16'
+
+
+# each precision as the device line names it
+PRECISIONS = dict(bf16='bf16 autocast', fp16='fp16 autocast + GradScaler', fp32='fp32')
+
+
 def autocast(device):
-    """ ctx, the context every forward pass runs in: bf16 autocast and TF32 matmuls where the GPU has
-    them (the speed of mixed precision, no loss scaling), plain fp32 on CPU and MPS """
-    if device.type == 'cuda':
+    """ ctx, the context every forward pass runs in, and the scaler of fp16's loss, both from
+    precision(device); the scaler is GradScaler(enabled=False) otherwise, which passes everything
+    through: scale(loss) is loss, step(optimizer) is optimizer.step() """
+    if device.type == 'cuda':  # TF32 for the matmuls autocast leaves in fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        if torch.cuda.is_bf16_supported():
-            return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
-    return nullcontext()
+    kind = precision(device)
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(kind)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return ctx, torch.amp.GradScaler(device.type, enabled=kind == 'fp16')
 
 
-def describe(model, tokenizer, device, ctx):
+def describe(model, tokenizer, device):
+    """ the device line (device, precision, the CPU's threads), the parameters, the shape """
     config = model.config
-    print(f"device: {device}{'' if isinstance(ctx, nullcontext) else ' (bf16 autocast)'}, "
-          f"{torch.get_num_threads()} CPU threads")
+    threads = f", {torch.get_num_threads()} CPU threads" if device.type == 'cpu' else ''
+    print(f"device: {device_name(device)}, {PRECISIONS[precision(device)]}{threads}")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     layers = f", {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}"
     print(f"vocabulary: {len(tokenizer.chars)} characters; model: {type(model).__name__}"
           f"{layers if hasattr(model, 'blocks') else ''}, block_size {config.block_size}")
 
 
-def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
+def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx, scaler):
     """ the optimizer, a resumed run's random state, torch.compile and DDP, the log: what the loop needs """
     # a signal reaches each process at its own moment, maybe one before a step's all_reduce and another after:
     # so under torchrun the loop acts on the signals all processes agree on at that all_reduce (after_step),
@@ -755,6 +784,7 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
     if run.world == 1:
         run.stop = run.signals
     run.raw_model, run.tokenizer, run.splits, run.device, run.ctx = model, tokenizer, splits, device, ctx
+    run.scaler = scaler
     run.text = text_stamp(cfg.input_file)
     if checkpoint and checkpoint.get('processes', 1) != run.world:
         print(processes_changed(checkpoint.get('processes', 1), run.world, cfg))
@@ -763,6 +793,8 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx):
     run.optimizer = configure_optimizer(model, cfg, device)  # only here: slow to build, sampling needs none
     if checkpoint:  # a resumed run continues its optimizer and its random stream
         run.optimizer.load_state_dict(checkpoint['optimizer'])
+        if checkpoint.get('scaler'):  # fp16's scale: none in older checkpoints, {} in bf16 and fp32
+            run.scaler.load_state_dict(checkpoint['scaler'])  # a no-op for a disabled scaler
         torch.set_rng_state(checkpoint['rng_cpu'])
         if cuda and checkpoint['rng_cuda']:
             torch.cuda.set_rng_state_all(checkpoint['rng_cuda'])
@@ -812,10 +844,15 @@ def after_step(run, cfg, loss):
         print(f"time budget: this machine has slowed down since the plan, so the run ends now, "
               f"at step {run.step}")
         run.max_iters = run.step
-    if not math.isfinite(lossf):
+    # fp16: a step whose gradients overflowed is skipped by the scaler and the scale halved; its
+    # loss, from the forward pass before any scaling, is finite. Below 1 they overflow even unscaled
+    scale = run.scaler.get_scale()  # 1.0 without fp16
+    if not math.isfinite(lossf) or scale < 1:
+        what = (f"the loss became {lossf}" if not math.isfinite(lossf)
+                else f"the gradients overflow fp16 at any loss scale (down to {scale:g})")
         kept = f"{run.ckpt_path} is from before it" if os.path.exists(run.ckpt_path) else "nothing was saved"
         clip = "" if cfg.grad_clip else " or set --grad_clip=1.0"
-        die(f"the loss became {lossf} at step {run.step}; {kept}: "
+        die(f"{what} at step {run.step}; {kept}: "
             f"lower --learning_rate (now {cfg.learning_rate}){clip}")
     if run.step % cfg.log_interval == 0:
         print_progress(run, cfg, lossf)
@@ -1181,6 +1218,7 @@ def save_checkpoint(path, run, cfg):
     """ everything needed to resume exactly or to sample later; written to a temporary file, then renamed """
     checkpoint = dict(
         model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict(),  # fp16's loss scale, its growth tracker; {} in bf16 and fp32
         model_class=type(run.raw_model).__name__, model_args=asdict(run.raw_model.config),
         config={**vars(cfg), 'max_iters': run.max_iters, 'lr_decay_iters': run.lr_decay_iters,
                 'planned': run.planned,  # the settings, with the loop's plan

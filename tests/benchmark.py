@@ -145,16 +145,17 @@ def main():
     ours_opt = gpt.configure_optimizer(ours, cfg, device)
     lecture = LectureGPT(a.vocab_size, a.n_embd, a.n_head, a.n_layer, a.block_size, a.dropout).to(device)
     lecture_opt = torch.optim.AdamW(lecture.parameters(), lr=3e-4)
-    use_bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else gpt.nullcontext()
+    ctx, scaler = gpt.autocast(device)  # gpt.py's precision: bf16, fp16 with its GradScaler, or fp32
 
     def train_ours(x, y):
         with ctx:
             _, loss = ours(x, y)
         ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(ours_opt)
         torch.nn.utils.clip_grad_norm_(ours.parameters(), cfg.grad_clip)
-        ours_opt.step()
+        scaler.step(ours_opt)
+        scaler.update()
 
     def train_lecture(x, y):
         _, loss = lecture(x, y)

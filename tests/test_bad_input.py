@@ -152,7 +152,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, monke
     optimizer = torch.optim.AdamW(model.parameters())
     cfg, _ = gpt.get_config([])
     run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, optimizer=optimizer, text={}, world=1,
-                              tokenizer=gpt.CharTokenizer('abc'), max_iters=20, lr_decay_iters=20, planned=True)
+                              tokenizer=gpt.CharTokenizer('abc'), max_iters=20, lr_decay_iters=20, planned=True,
+                              scaler=torch.amp.GradScaler('cpu', enabled=False))
     with pytest.raises(SystemExit, match='previous checkpoint is intact'):
         gpt.save_checkpoint(path, run, cfg)
     assert open(path, 'rb').read() == before
@@ -189,7 +190,8 @@ def test_a_full_disk_when_a_checkpoint_is_written_says_so(tmp_path, monkeypatch)
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=8, n_head=2, n_layer=1))
     run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, text={}, world=1,
                               optimizer=torch.optim.AdamW(model.parameters()), tokenizer=gpt.CharTokenizer('abc'),
-                              max_iters=20, lr_decay_iters=20, planned=True)
+                              max_iters=20, lr_decay_iters=20, planned=True,
+                              scaler=torch.amp.GradScaler('cpu', enabled=False))
     with pytest.raises(SystemExit) as e:
         gpt.save_checkpoint(str(tmp_path / 'ckpt.pt'), run, gpt.get_config([])[0])
     assert 'no space left on the disk' in str(e.value) and 'enforce' not in str(e.value)
