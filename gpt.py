@@ -767,13 +767,10 @@ def autocast(device):
 
 def describe(model, tokenizer, device):
     """ the device line (device, precision, the CPU's threads), the parameters, the shape """
-    config = model.config
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == 'cpu' else ''
     print(f"device: {device_name(device)}, {PRECISIONS[precision(device)]}{threads}")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
-    layers = f", {config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}"
-    print(f"vocabulary: {len(tokenizer.chars)} characters; model: {type(model).__name__}"
-          f"{layers if hasattr(model, 'blocks') else ''}, block_size {config.block_size}")
+    print(f"vocabulary: {len(tokenizer.chars)} characters; model: {model_shape(model, sep=', ')}")
 
 
 def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx, scaler):
@@ -1412,9 +1409,35 @@ def new_figure(width, height, layout=None):
 
 def save_figure(fig, path):
     """ the figure as a PNG, written to a temporary file, then renamed: a reader never sees half a picture """
-    with warnings.catch_warnings(), written_atomically(path) as tmp:
-        warnings.simplefilter('ignore')  # a character the font lacks is drawn as a box, without a warning
+    with written_atomically(path) as tmp:
         fig.savefig(tmp, format='png')
+
+
+# fonts with the CJK characters that matplotlib's font (DejaVu Sans) lacks: Linux, macOS, Windows
+FALLBACK_FONTS = ('Noto Sans CJK JP', 'Noto Sans CJK SC', 'Noto Sans CJK TC', 'Noto Sans CJK KR',
+                  'Source Han Sans', 'WenQuanYi Zen Hei', 'WenQuanYi Micro Hei',
+                  'Droid Sans Fallback', 'IPAGothic', 'IPAexGothic', 'Hiragino Sans', 'PingFang SC',
+                  'Apple SD Gothic Neo', 'Yu Gothic', 'MS Gothic', 'Microsoft YaHei',
+                  'Malgun Gothic', 'Arial Unicode MS')
+
+
+def font_families(families, installed):
+    """ the fonts text is drawn in: families (matplotlib's setting) first, then the installed ones
+    of FALLBACK_FONTS, where matplotlib finds a character that the fonts before them lack """
+    return [*families, *(f for f in FALLBACK_FONTS if f in installed and f not in families)]
+
+
+@contextmanager
+def drawing():
+    """ while a picture is drawn: a character that matplotlib's font lacks (a CJK one) drawn in an
+    installed font that has it, and one that no font has drawn as a box, without a warning """
+    import matplotlib
+    from matplotlib import font_manager
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    families = font_families(matplotlib.rcParams['font.family'], installed)
+    with matplotlib.rc_context({'font.family': families}), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        yield
 
 
 def literal(text):
@@ -1422,9 +1445,18 @@ def literal(text):
     return text.replace('$', r'\$')
 
 
+VISIBLE = {'\n': '\u21b5', '\t': '\u21e5'}  # a newline and a tab as the signs for return and tab
+
+
 def char_label(ch):
-    """ a character as a tick label: a space, a newline and a tab made visible """
-    return literal({' ': '\u2423', '\n': '\u21b5', '\t': '\u21e5'}.get(ch, ch))  # open box, return, tab
+    """ a character as a tick label: a space (as an open box), a newline and a tab made visible """
+    return literal({' ': '\u2423', **VISIBLE}.get(ch, ch))
+
+
+def quoted(text, width=60):
+    """ text in quotes as it is, a newline and a tab made visible, a line every width characters """
+    shown = "'" + ''.join(VISIBLE.get(c, c) for c in text) + "'"
+    return '\n'.join(shown[i:i + width] for i in range(0, len(shown), width))
 
 
 def attention_heads(model):
@@ -1436,12 +1468,15 @@ def attention_heads(model):
     return groups
 
 
-def model_shape(model):
-    """ 'GPTLanguageModel: 6 layers, 6 heads, n_embd 384, block_size 256', from the model's own heads """
+def model_shape(model, sep=': '):
+    """ 'GPTLanguageModel: 6 layers, 6 heads, n_embd 384, block_size 256', from the model's parts:
+    its Blocks (layers) and the heads in each; a model without blocks, its heads ('1 head') """
     groups, c = attention_heads(model), model.config
-    layers, heads = len(groups), max(map(len, groups.values()), default=0)
-    shape = f"{layers} layer{'s' * (layers > 1)}, {heads} head{'s' * (heads > 1)}, n_embd {c.n_embd}, "
-    return f"{type(model).__name__}: {shape if groups else ''}block_size {c.block_size}"
+    layers = sum(isinstance(m, Block) for m in model.modules())
+    heads = max(map(len, groups.values()), default=0) if layers else sum(map(len, groups.values()))
+    shape = [plural(layers, 'layer')] * (layers > 0)
+    shape += [plural(heads, 'head'), f"n_embd {c.n_embd}"] * (heads > 0)
+    return f"{type(model).__name__}{sep}{', '.join([*shape, f'block_size {c.block_size}'])}"
 
 
 def device_name(device):
@@ -1456,8 +1491,10 @@ def read_log(path):
              float(row['whole_val_loss']) if row.get('whole_val_loss') else None) for row in rows]
 
 
+@drawing()
 def draw_loss_curve(log_path, path, title):
     """ train and val loss (the estimates) against the step, and the whole-split val loss as marked points """
+    from matplotlib.ticker import MaxNLocator
     rows = read_log(log_path)
     fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
@@ -1468,10 +1505,22 @@ def draw_loss_curve(log_path, path, title):
     if whole:
         ax.plot(*zip(*whole), 'D', color='black', label='val loss over the whole split')
     ax.set(xlabel='step', ylabel='loss', title=literal(title))
+    # ticks at whole steps only, at the round numbers of matplotlib's own choice (0, 1000, ..., 5000)
+    ax.xaxis.set_major_locator(MaxNLocator('auto', steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
+    ax.ticklabel_format(axis='y', useOffset=False)  # each loss in full: 4.1375, never 1e-4+4.137
     ax.grid(alpha=0.3)
     ax.legend()
     fig.subplots_adjust(left=0.09, right=0.97, top=0.88, bottom=0.11)  # fixed: twice as fast as a layout
+    widen_left_margin(fig, ax)
     save_figure(fig, path)
+
+
+def widen_left_margin(fig, ax, pad=4):
+    """ the left margin made as wide as the y-axis's tick labels and label need (close losses have
+    wide labels, 4.1375): measured, rather than laid out by matplotlib, twice as slow to draw """
+    left = ax.yaxis.get_tightbbox(fig.canvas.get_renderer()).x0  # pixels
+    if left < pad:
+        fig.subplots_adjust(left=fig.subplotpars.left + (pad - left) / fig.bbox.width)
 
 
 class LossCurve:
@@ -1535,11 +1584,13 @@ def attention_maps(model, idx):
     return maps
 
 
+@drawing()
 def draw_attention(maps, chars, path, title):
     """ one heatmap per head, a row of them per layer: row t, how much the character at t attends to each """
     T, rows, cols = len(chars), len(maps), max(map(len, maps.values()))
     size = min(max(2.5, 0.16 * T + 1), 8)  # inches per head: room for a label per character
-    fig = new_figure(size * cols + 1, size * rows + 0.8, layout='constrained')
+    height = size * rows + 0.4 + 0.2 * (title.count('\n') + 1)  # 0.2 inches a line of the title
+    fig = new_figure(size * cols + 1, height, layout='constrained')
     labels = [char_label(c) for c in chars]
     ticks = range(0, T, math.ceil(T / 48))  # at most 48 labels on an axis
     for r, heads in enumerate(maps.values()):
@@ -1554,8 +1605,15 @@ def draw_attention(maps, chars, path, title):
             ax.set(xlabel='key (attended to)' if r == rows - 1 else '',
                    ylabel='query (attending)' if c == 0 else '')
     fig.colorbar(image, ax=fig.axes, shrink=0.6, label='attention weight')
-    fig.suptitle(literal(title))
+    widen_to_fit(fig, fig.suptitle(literal(title)))
     save_figure(fig, path)
+
+
+def widen_to_fit(fig, text, pad=0.15):
+    """ the figure widened, if need be, to hold text (its title) with pad inches on each side """
+    width = text.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 2 * pad
+    if width > fig.get_figwidth():
+        fig.set_figwidth(width)
 
 
 def draw_prompt_attention(model, tokenizer, cfg, device):
@@ -1567,7 +1625,8 @@ def draw_prompt_attention(model, tokenizer, cfg, device):
               f"drawing its last {block_size} characters")
     idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)  # (1,T)
     path = os.path.join(cfg.out_dir, 'attention.png')
-    draw_attention(attention_maps(model, idx), text, path, f"{model_shape(model)}\nattention over {text!r}")
+    title = f"{model_shape(model)}\nattention over {quoted(text)}"
+    draw_attention(attention_maps(model, idx), text, path, title)
     print(f"attention of each head over the prompt: {path}", flush=True)
 
 

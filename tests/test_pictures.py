@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -210,3 +211,126 @@ def test_attention_refuses_what_it_cannot_draw_before_training(argv, model_class
     message = str(e.value)
     assert message.startswith('error: ') and '\n' not in message and words in message
     assert not (workdir / 'out' / 'ckpt.pt').exists()
+
+
+
+def drawn_figures(monkeypatch):
+    """ each matplotlib figure gpt.py saves, kept for a look at what was drawn """
+    figures, save = [], gpt.save_figure
+    monkeypatch.setattr(gpt, 'save_figure',
+                        lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    return figures
+
+
+def outside(fig, *artists):
+    """ the artists (texts, axes) that are not wholly inside the figure as it was last drawn """
+    renderer, W, H = fig.canvas.get_renderer(), fig.bbox.width, fig.bbox.height
+    boxes = [(a, a.get_window_extent(renderer)) for a in artists]
+    return [a for a, b in boxes if not (0 <= b.x0 and b.x1 <= W and 0 <= b.y0 and b.y1 <= H)]
+
+
+@pytest.mark.parametrize('step, shape', [
+    (0, 'BigramLanguageModel: block_size 8'),
+    (1, 'OneHeadModel: 1 head, n_embd 32, block_size 8'),  # one head, no blocks: no layer
+    (2, 'MultiHeadModel: 4 heads, n_embd 32, block_size 8'),
+    (3, 'FeedForwardModel: 4 heads, n_embd 32, block_size 8'),
+    (4, 'PlainBlocksModel: 3 layers, 4 heads, n_embd 32, block_size 8'),
+    (5, 'ResidualBlocksModel: 3 layers, 4 heads, n_embd 32, block_size 8'),
+    (6, 'GPTLanguageModel: 3 layers, 4 heads, n_embd 32, block_size 8'),
+])
+def test_model_shape_says_what_each_model_has(step, shape):
+    assert gpt.model_shape(lecture_model(step)) == shape
+
+
+def draw_prompt(model, prompt, out_dir):
+    """ --attention=True's picture of model over prompt, its characters the model's vocabulary """
+    tokenizer = gpt.CharTokenizer(sorted(set(prompt)))
+    cfg = type('cfg', (), {'prompt': prompt, 'out_dir': str(out_dir)})
+    gpt.draw_prompt_attention(model, tokenizer, cfg, torch.device('cpu'))
+    return png_size(out_dir / 'attention.png')
+
+
+def gpt_model(block_size, n_embd, n_head, n_layer):
+    torch.manual_seed(0)
+    return gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=30, block_size=block_size, n_embd=n_embd,
+                                              n_head=n_head, n_layer=n_layer, dropout=0.0))
+
+
+def one_head_model(block_size):
+    torch.manual_seed(0)
+    return lecture_steps.OneHeadModel(gpt.GPTConfig(vocab_size=30, block_size=block_size, n_embd=32,
+                                                    n_head=4, n_layer=3, dropout=0.0))
+
+
+@pytest.mark.parametrize('model, prompt', [
+    *[(lambda step=step: lecture_model(step), 'First Citizen') for step in range(1, 7)],
+    (lambda: gpt_model(64, 96, 3, 2), 'First Citizen:\nBefore we proceed any further, hear me.'),
+    (lambda: one_head_model(256), 'All:\nSpeak, speak.\n' * 14),  # its last 256 characters
+], ids=[*(f'step{step}' for step in range(1, 7)), 'gpt-cpu-default', 'one-head-256'])
+def test_the_attention_title_is_wholly_inside_the_picture(model, prompt, tmp_path, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    model = model()
+    draw_prompt(model, prompt, tmp_path)
+    [fig] = figures
+    assert ('layer' in fig.get_suptitle()) == any(isinstance(m, gpt.Block) for m in model.modules())
+    assert outside(fig, fig.texts[0], *fig.axes) == []  # the title, each heatmap and the colorbar
+
+
+def test_the_attention_title_shows_the_prompts_characters_as_they_are(tmp_path, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    draw_prompt(lecture_model(1), '\\b\n"c\'\t$', tmp_path)  # a backslash, newline, quotes, tab, $
+    [fig] = figures
+    # one backslash, as in the prompt; the $ escaped for matplotlib: a dollar sign, not $math$
+    assert fig.get_suptitle().endswith("attention over '\\b\u21b5\"c'\u21e5\\$'")
+
+
+@pytest.mark.parametrize('rows, ticks', [
+    ([(0, 4.1368, 4.1391, None)], [0]),  # a run stopped at step 0
+    ([(0, 4.1368, 4.1391, None), (1, 4.1190, 4.1224, 4.1216)], [0, 1]),  # --max_iters=1
+    ([(0, 1234.56789, 1234.56791, None), (1, 1234.56788, 1234.5679, None)], [0, 1]),  # wide labels
+    ([(s, 4.2 - s / 2000, 4.25 - s / 2200, None) for s in range(0, 5001, 250)],  # 5000 steps
+     [0, 1000, 2000, 3000, 4000, 5000]),
+])
+def test_the_loss_picture_has_integer_steps_and_its_y_label_inside(rows, ticks, tmp_path, monkeypatch):
+    log = tmp_path / 'log.csv'
+    log.write_text('step,train_loss,val_loss,lr,elapsed_s,whole_val_loss\n' + ''.join(
+        f"{s},{t},{v},1e-3,1.0,{'' if w is None else w}\n" for s, t, v, w in rows))
+    figures = drawn_figures(monkeypatch)
+    title = 'GPTLanguageModel: 2 layers, 3 heads, n_embd 96, block_size 64\non cpu'
+    gpt.draw_loss_curve(log, str(tmp_path / 'loss.png'), title)
+    assert png_size(tmp_path / 'loss.png') == (700, 450)
+    [fig] = figures
+    [ax] = fig.axes
+    low, high = ax.get_xlim()
+    assert [x for x in ax.get_xticks() if low <= x <= high] == ticks
+    labels = [t for t in ax.get_yticklabels() if t.get_visible() and t.get_text()]
+    assert labels and outside(fig, ax.yaxis.label, ax.title, *labels) == []
+
+
+@pytest.mark.parametrize('installed, families', [
+    ({'DejaVu Sans'}, ['sans-serif']),  # no font with CJK characters: a box for each
+    ({'DejaVu Sans', 'Noto Sans CJK JP'}, ['sans-serif', 'Noto Sans CJK JP']),
+    ({'WenQuanYi Zen Hei', 'Noto Sans CJK SC', 'Arial'},  # FALLBACK_FONTS' order, CJK fonts only
+     ['sans-serif', 'Noto Sans CJK SC', 'WenQuanYi Zen Hei']),
+    ({'Microsoft YaHei', 'Hiragino Sans'}, ['sans-serif', 'Hiragino Sans', 'Microsoft YaHei']),
+])
+def test_characters_matplotlibs_font_lacks_fall_back_on_installed_fonts_only(installed, families):
+    assert gpt.font_families(['sans-serif'], installed) == families
+    own = gpt.font_families(['Noto Sans CJK JP'], installed)  # a user's own font: first, and once
+    assert own[0] == 'Noto Sans CJK JP' and own.count('Noto Sans CJK JP') == 1
+
+
+def test_a_cjk_prompt_is_drawn_in_the_installed_fonts_without_a_warning(tmp_path, monkeypatch):
+    import matplotlib
+    from matplotlib import font_manager
+    figures, before = drawn_figures(monkeypatch), list(matplotlib.rcParams['font.family'])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        draw_prompt(lecture_model(2), '日本語:\nこんにちは', tmp_path)
+    assert caught == []
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    families = gpt.font_families(matplotlib.rcParams['font.family'], installed)
+    [fig] = figures
+    texts = [fig.texts[0], *fig.axes[0].get_xticklabels(), *fig.axes[0].get_yticklabels()]
+    assert all(t.get_fontfamily() == families for t in texts)
+    assert matplotlib.rcParams['font.family'] == before  # as it was before the picture
