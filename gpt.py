@@ -21,7 +21,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 started = time.time()  # when this script began: max_time counts from here, loading torch included
@@ -445,60 +445,74 @@ def set_lr(optimizer, lr):
 # ----------------------------------------------------------------------------------------------
 # training: the loop's state in one place, then the lecture's loop
 
-def loop_state(cfg, checkpoint, t_begin):
+@dataclass
+class LoopState:
     """ Loop state: every variable the training loop updates, each declared here with what it
-    means. A resumed run takes its own from the checkpoint; start_training sets the parts """
+    means (loop_state fills in a resumed run's from its checkpoint; start_training, the parts) """
+    # where the run stands (saved in the checkpoint)
+    step: int = 0  # optimizer steps taken
+    start_step: int = 0  # the step this call began at: 0, or the checkpoint's
+    resumed_at: int = None  # the checkpoint's step: evaluated and saved already
+    saved_step: int = None  # the step of ckpt.pt (a new run saves even at step 0)
+    best_val_loss: float = float('inf')  # best.pt's val loss
+    elapsed: float = 0.0  # seconds trained, resumes included
+    training: bool = True  # any steps left to take?
+    # where it ends: max_iters, or the steps the time budget plans
+    max_iters: int = 0  # the last step
+    lr_decay_iters: int = 0  # where the learning rate's cosine ends
+    budget: bool = False  # the time budget has yet to plan (time_budget)
+    planned: bool = False  # the time budget has planned max_iters; a resumed run keeps its plan
+    deadline: float = None  # past this time the machine has slowed since the plan: the run ends
+    marks: list = field(default_factory=list)  # the clock at steps 10, 20, 30, 40, 50: the 1st plan
+    t_timed: float = None  # since this time (evaluations left out) every step is timed for the plans
+    step_timed: int = None  # and since this step
+    eval_s: float = 0.0  # seconds of the last evaluation
+    char_s: float = 0.0  # seconds to sample one character of the preview
+    # stopping
+    signals: list = field(default_factory=list)  # what this process received: Ctrl-C, SIGTERM
+    stop: list = field(default_factory=list)  # what the loop acts on: the signals, agreed by all
+    # clocks
+    t_begin: float = None  # when the script began: a new run's time budget counts from here
+    t_start: float = None  # when the run began (a resumed run's: moved back by the time it trained)
+    t_log: float = None  # the time of the last progress line (evaluations left out): ms/step since
+    step_log: int = None  # and its step
+    # processes: one, or one per device under torchrun
+    rank: int = 0  # this process's number (0 alone): the first one saves and prints
+    world: int = 1  # the number of processes (1 alone)
+    # the parts the loop works with, set by start_training
+    model: object = None  # what the loop calls: the model, compiled and wrapped for torchrun if asked
+    raw_model: object = None  # the model itself: what is saved and sampled (nanoGPT's raw_model)
+    optimizer: object = None  # configure_optimizer's
+    tokenizer: object = None  # main's: the characters, encode and decode
+    splits: dict = None  # main's: the train and val token ids
+    device: object = None  # main's: where it computes
+    ctx: object = None  # main's: the precision every forward runs in
+    scaler: object = None  # main's: fp16's loss scaling (GradScaler); in bf16 and fp32 a no-op
+    text: dict = None  # the text file's size and time of change: an edit is noticed on resume
+    batch_rows: int = None  # rows of a step's batch: batch_size x accumulation x processes
+    tokens_per_step: int = None  # batch_rows x block_size
+    ckpt_path: str = None  # out_dir/ckpt.pt, the latest model
+    best_path: str = None  # out_dir/best.pt, the model of the best val loss
+    log_path: str = None  # out_dir/log.csv, a row per evaluation
+    loss_curve: object = None  # draws out_dir/loss.png after each evaluation
+
+
+def loop_state(cfg, checkpoint, t_begin):
+    """ a new run's loop state, or a resumed run's, which goes on from its checkpoint """
     saved = checkpoint['config'] if checkpoint else {}
     step = checkpoint['step'] if checkpoint else 0
     planned = saved.get('planned', True) if checkpoint else False  # a budget plans once, at the start
     rank, world = rank_and_world()
-    return SimpleNamespace(
-        # where the run stands (saved in the checkpoint)
-        step=step,  # optimizer steps taken
-        start_step=step,  # the step this call began at: 0, or the checkpoint's
-        resumed_at=step if checkpoint else None,  # the checkpoint's step: evaluated and saved already
-        saved_step=step if checkpoint else None,  # the step of ckpt.pt (a new run saves at step 0)
-        best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),  # best.pt's
-        elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0,  # seconds trained, resumes too
-        training=cfg.max_time > 0 and not planned or step < cfg.max_iters,  # any steps left to take?
-        # where it ends: max_iters, or the steps the time budget plans
-        max_iters=cfg.max_iters,  # the last step
-        lr_decay_iters=saved.get('lr_decay_iters', saved.get('max_iters', cfg.max_iters)),  # its end
-        budget=cfg.max_time > 0 and not planned,  # the time budget has yet to plan (time_budget)
-        planned=planned,  # the time budget has planned max_iters; a resumed run keeps its plan
-        deadline=None,  # past this time the machine has slowed since the plan: the run ends
-        marks=[],  # the clock at steps 10, 20, 30, 40 and 50: the first plan is made from them
-        t_timed=None,  # since this time (evaluations left out) every step is timed for the plans
-        step_timed=None,  # and since this step
-        eval_s=0.0,  # seconds of the last evaluation
-        char_s=0.0,  # seconds to sample one character of the preview
-        # stopping
-        signals=[],  # the signals this process has received: Ctrl-C, SIGTERM (stop_on_signals)
-        stop=[],  # the stop the loop acts on: the signals, agreed by every process under torchrun
-        # clocks
-        t_begin=t_begin,  # when the script began: a new run's time budget counts from here
-        t_start=None,  # when the run began (a resumed run's: moved back by the time it trained)
-        t_log=None,  # the time of the last progress line (evaluations left out): ms/step since
-        step_log=None,  # and its step
-        # processes: one, or one per device under torchrun
-        rank=rank,  # this process's number (0 alone): the first one saves and prints
-        world=world,  # the number of processes (1 alone)
-        # the parts the loop works with, set by start_training
-        model=None,  # what the loop calls: the model, compiled and wrapped for torchrun if asked
-        raw_model=None,  # the model itself: what is saved and sampled (nanoGPT's raw_model)
-        optimizer=None,  # configure_optimizer's
-        tokenizer=None,  # main's: the characters, encode and decode
-        splits=None,  # main's: the train and val token ids
-        device=None,  # main's: where it computes
-        ctx=None,  # main's: the precision every forward runs in
-        scaler=None,  # main's: fp16's loss scaling (GradScaler); in bf16 and fp32 it passes through
-        text=None,  # the text file's size and time of change: an edit is noticed on resume
-        batch_rows=None,  # rows of a step's batch: batch_size x accumulation x processes
-        tokens_per_step=None,  # batch_rows x block_size
-        ckpt_path=None,  # out_dir/ckpt.pt, the latest model
-        best_path=None,  # out_dir/best.pt, the model of the best val loss
-        log_path=None,  # out_dir/log.csv, a row per evaluation
-        loss_curve=None)  # draws out_dir/loss.png after each evaluation
+    return LoopState(
+        step=step, start_step=step, resumed_at=step if checkpoint else None,
+        saved_step=step if checkpoint else None,
+        best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),
+        elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0,
+        training=cfg.max_time > 0 and not planned or step < cfg.max_iters,
+        max_iters=cfg.max_iters,
+        lr_decay_iters=saved.get('lr_decay_iters', saved.get('max_iters', cfg.max_iters)),
+        budget=cfg.max_time > 0 and not planned, planned=planned,
+        t_begin=t_begin, rank=rank, world=world)
 
 
 def train(run, cfg):
