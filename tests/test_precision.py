@@ -25,8 +25,17 @@ def a_gpu(monkeypatch, capability, name):
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)  # autocast sets them: restored after
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+
+
+@pytest.fixture
+def tf32_restored():
+    """ gpt.autocast turns TF32 on for CUDA: off before the test, as they were after it. Restored by hand,
+    not by monkeypatch: torch computes these attributes, and a monkeypatch that undoes a patch of an
+    attribute missing from the object's __dict__ deletes it (pytest 9.1 and later) """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def device_line(device, capsys):
@@ -36,8 +45,8 @@ def device_line(device, capsys):
 
 
 @pytest.mark.parametrize('capability, name, kind, line', GPUS)
-def test_bf16_needs_compute_capability_8_older_gpus_take_fp16(monkeypatch, capsys, capability, name, kind,
-                                                              line):
+def test_bf16_needs_compute_capability_8_older_gpus_take_fp16(monkeypatch, capsys, tf32_restored, capability,
+                                                              name, kind, line):
     a_gpu(monkeypatch, capability, name)
     cuda = torch.device('cuda')
     assert gpt.precision(cuda) == kind
@@ -52,7 +61,7 @@ def test_bf16_needs_compute_capability_8_older_gpus_take_fp16(monkeypatch, capsy
 
 @pytest.mark.parametrize('device, line', [('cpu', 'device: cpu, fp32, {} CPU threads'),
                                           ('mps', 'device: mps, fp32')])
-def test_cpu_and_mps_stay_fp32(monkeypatch, capsys, device, line):
+def test_cpu_and_mps_stay_fp32(monkeypatch, capsys, tf32_restored, device, line):
     a_gpu(monkeypatch, (9, 0), 'NVIDIA H200')  # whatever GPU the machine also has
     device, line = torch.device(device), line.format(torch.get_num_threads())
     assert gpt.precision(device) == 'fp32' and device_line(device, capsys) == line
