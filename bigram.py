@@ -14,13 +14,12 @@ from torch.nn import functional as F
 defaults = dict(
     batch_size=32,  # how many independent sequences will we process in parallel?
     block_size=8,  # what is the maximum context length for predictions?
-    max_iters=3000,  # total optimizer steps
+    max_iters=3000,  # total optimizer steps (the cosine decays the rate to a tenth at the last)
     max_time=0,  # no time budget: the lecture's step count
     eval_interval=300,  # estimate train and val loss every this many steps
     eval_iters=200,  # batches of each split averaged in one estimate
     log_interval=500,  # print progress every this many steps
     learning_rate=1e-2,  # a single lookup table learns fast
-    min_lr=1e-3,  # the learning rate decays to this at max_iters
     dropout=0.0,  # nothing to drop out
     beta2=0.99,  # AdamW beta2 (gpt.py's 0.95 on a CPU is for its 3-minute run)
     optimizer='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)

@@ -4,7 +4,7 @@ lecture "Let's build GPT: from scratch, in code, spelled out", in the lecture's 
 names, made fast on CPU and GPU, with checkpoints, exact resume and sampling from a prompt.
 
     python gpt.py                    # train on input.txt (tiny Shakespeare), then print a sample
-    python gpt.py --max_iters=200    # any constant below can be set like this
+    python gpt.py --max_iters=200    # any constant below can be set like this, or edited in place
     python gpt.py --help             # every constant, its default and what it means
     python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO:"   # sample from the saved model
     python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO: " --attention=True  # each head
@@ -32,14 +32,15 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 # hyperparameters
-# Edit these lines to change the run, or set any of them on the command line (--max_iters=200).
+# Edit these lines to change the run, or set any of them on the command line (--max_iters=200): the
+# two are the same, and a run resumed after an edit takes the edit as it takes the command line.
 # A line with two values (`x if cuda else y`) holds one for a CUDA GPU, most of them the lecture's
 # run (a comment says where not), and one for a laptop-size run on a CPU or Apple MPS.
 # The lecture's own come first, in its order; the ones beyond it follow, grouped by what they set.
 cuda = torch.cuda.is_available()
 batch_size = 64 if cuda else 32  # how many independent sequences will we process in parallel?
 block_size = 256 if cuda else 64  # what is the maximum context length for predictions?
-max_iters = 5000  # total optimizer steps, unless max_time picks them; a resume continues up to this
+max_iters = 5000 if cuda else 50000  # the last step (the lecture: 5000), unless max_time comes first
 eval_interval = 500  # estimate train and val loss every this many steps
 learning_rate = 1e-3 if cuda else 6e-3  # peak, after the warmup (the lecture: 3e-4, flat)
 device = 'auto'  # 'auto' (CUDA, else Apple MPS, else CPU), or 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -61,9 +62,9 @@ position_embedding = 'learned'  # 'learned' (the lecture's table) or 'sinusoidal
 qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GPT-2: yes)
 fused_attention = True  # all heads in one fused kernel; False runs the lecture's Head by Head
 # training
-max_time = 0 if cuda else 180  # seconds, start to sample: the steps that fit (0 or --max_iters=N: off)
+max_time = 0 if cuda else 180  # seconds, start to sample (0 = no limit): the run ends at max_iters or here
 log_interval = 100  # print progress every this many steps
-min_lr = 1e-4 if cuda else 6e-4  # the cosine decays to this, a tenth of the peak, at the last step
+min_lr_frac = 0.1  # the cosine decays to learning_rate times this at the last step (nanoGPT: a tenth)
 warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
 weight_decay = 0.1  # on the weight matrices only (not biases and norms), AdamW's and Muon's
 beta1 = 0.9  # AdamW beta1
@@ -112,6 +113,8 @@ class CharTokenizer:
         return ''.join(self.itos[i] for i in l)
 
 
+# cfg, handed to the functions from here on, holds the settings: the constants above, as main reads
+# them with the command line (cfg.block_size is block_size, or --block_size=N when that is given)
 def load_splits(cfg, checkpoint=None):
     """ the vocabulary, and the text as token ids split 90/10 into train and val """
     # The lecture reads the text and encodes it in three lines:
@@ -163,7 +166,7 @@ def estimate_loss(model, splits, cfg, device, ctx):
         for k in range(cfg.eval_iters):
             X, Y = get_batch(data, cfg.block_size, cfg.batch_size, device, generator)
             if k % world == rank:  # under torchrun each process evaluates its share of the batches
-                with ctx:
+                with ctx:  # ctx: the precision of the forward pass (fp32 on a CPU; autocast on a GPU)
                     logits, loss = model(X, Y)
                 losses[k] = loss.item()
         if world > 1:
@@ -283,6 +286,7 @@ class FeedForward(nn.Module):
         # applied to each token on its own: having gathered from the others, it thinks about it
         self.net = nn.Sequential(
             nn.Linear(config.n_embd, 4 * config.n_embd),
+            # GELU by default, GPT-2's smooth ReLU; the lecture's nn.ReLU() with --activation=relu
             nn.GELU() if config.activation == 'gelu' else nn.ReLU(),
             nn.Linear(4 * config.n_embd, config.n_embd),
             nn.Dropout(config.dropout),
@@ -418,22 +422,30 @@ def configure_optimizer(model, cfg, device):
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     fused = device.type in ('cuda', 'cpu')  # one kernel for the whole update, where PyTorch has it
     betas = (cfg.beta1, cfg.beta2)
+    # the lecture's AdamW(m.parameters(), lr=learning_rate) takes torch's betas (0.9, 0.999) and decay 0.01
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
     if not matrices:
         return adamw
+    # On a CPU the blocks' matrices take Muon instead (its code is below the divider): each step moves a
+    # matrix along its gradient's momentum made orthogonal, every direction of it by about as much. In 3
+    # CPU minutes that trains further than AdamW; --optimizer=adamw runs the lecture's AdamW for all.
     muon = Muon(matrices, lr=cfg.learning_rate, momentum=cfg.muon_momentum,
-                weight_decay=cfg.weight_decay, lr_scale=cfg.muon_lr_scale)  # below the divider
+                weight_decay=cfg.weight_decay, lr_scale=cfg.muon_lr_scale)
     return MuonWithAdamW(muon, adamw)
 
 
-def get_lr(step, cfg, decay_iters):
-    """ linear warmup to learning_rate, then cosine decay to min_lr at the run's planned end,
-    decay_iters; a run extended past that end goes on at min_lr """
+def get_lr(step, cfg, end, moved=None):
+    """ the learning rate of a step: a linear warmup to learning_rate, then a cosine decay to
+    min_lr_frac of it at step end, the run's last, and flat after that (a run trained on). moved=(m,
+    lr): the time budget moved the end at step m, where the rate was lr; from there the cosine goes
+    from lr to the new end, so the rate never jumps """
+    min_lr = cfg.min_lr_frac * cfg.learning_rate
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    start, top = moved or (cfg.warmup_iters, cfg.learning_rate)
+    progress = (step - start) / max(1, end - start)
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # from 1 down to 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+    return min_lr + coeff * (top - min_lr)
 
 
 def set_lr(optimizer, lr):
@@ -443,85 +455,16 @@ def set_lr(optimizer, lr):
 
 
 # ----------------------------------------------------------------------------------------------
-# training: the loop's state in one place, then the lecture's loop
-
-@dataclass
-class LoopState:
-    """ Loop state: every variable the training loop updates, each declared here with what it
-    means (loop_state fills in a resumed run's from its checkpoint; start_training, the parts) """
-    # where the run stands (saved in the checkpoint)
-    step: int = 0  # optimizer steps taken
-    start_step: int = 0  # the step this call began at: 0, or the checkpoint's
-    resumed_at: int = None  # the checkpoint's step: evaluated and saved already
-    saved_step: int = None  # the step of ckpt.pt (a new run saves even at step 0)
-    best_val_loss: float = float('inf')  # best.pt's val loss
-    elapsed: float = 0.0  # seconds trained, resumes included
-    training: bool = True  # any steps left to take?
-    # where it ends: max_iters, or the steps the time budget plans
-    max_iters: int = 0  # the last step
-    lr_decay_iters: int = 0  # where the learning rate's cosine ends
-    budget: bool = False  # the time budget has yet to plan (time_budget)
-    planned: bool = False  # the time budget has planned max_iters; a resumed run keeps its plan
-    deadline: float = None  # past this time the machine has slowed since the plan: the run ends
-    marks: list = field(default_factory=list)  # the clock at steps 10, 20, 30, 40, 50: the 1st plan
-    t_timed: float = None  # since this time (evaluations left out) every step is timed for the plans
-    step_timed: int = None  # and since this step
-    eval_s: float = 0.0  # seconds of the last evaluation
-    char_s: float = 0.0  # seconds to sample one character of the preview
-    # stopping
-    signals: list = field(default_factory=list)  # what this process received: Ctrl-C, SIGTERM
-    stop: list = field(default_factory=list)  # what the loop acts on: the signals, agreed by all
-    # clocks
-    t_begin: float = None  # when the script began: a new run's time budget counts from here
-    t_start: float = None  # when the run began (a resumed run's: moved back by the time it trained)
-    t_log: float = None  # the time of the last progress line (evaluations left out): ms/step since
-    step_log: int = None  # and its step
-    # processes: one, or one per device under torchrun
-    rank: int = 0  # this process's number (0 alone): the first one saves and prints
-    world: int = 1  # the number of processes (1 alone)
-    # the parts the loop works with, set by start_training
-    model: object = None  # what the loop calls: the model, compiled and wrapped for torchrun if asked
-    raw_model: object = None  # the model itself: what is saved and sampled (nanoGPT's raw_model)
-    optimizer: object = None  # configure_optimizer's
-    tokenizer: object = None  # main's: the characters, encode and decode
-    splits: dict = None  # main's: the train and val token ids
-    device: object = None  # main's: where it computes
-    ctx: object = None  # main's: the precision every forward runs in
-    scaler: object = None  # main's: fp16's loss scaling (GradScaler); in bf16 and fp32 a no-op
-    text: dict = None  # the text file's size and time of change: an edit is noticed on resume
-    batch_rows: int = None  # rows of a step's batch: batch_size x accumulation x processes
-    tokens_per_step: int = None  # batch_rows x block_size
-    ckpt_path: str = None  # out_dir/ckpt.pt, the latest model
-    best_path: str = None  # out_dir/best.pt, the model of the best val loss
-    log_path: str = None  # out_dir/log.csv, a row per evaluation
-    loss_curve: object = None  # draws out_dir/loss.png after each evaluation
-
-
-def loop_state(cfg, checkpoint, t_begin):
-    """ a new run's loop state, or a resumed run's, which goes on from its checkpoint """
-    saved = checkpoint['config'] if checkpoint else {}
-    step = checkpoint['step'] if checkpoint else 0
-    planned = saved.get('planned', True) if checkpoint else False  # a budget plans once, at the start
-    rank, world = rank_and_world()
-    return LoopState(
-        step=step, start_step=step, resumed_at=step if checkpoint else None,
-        saved_step=step if checkpoint else None,
-        best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),
-        elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0,
-        training=cfg.max_time > 0 and not planned or step < cfg.max_iters,
-        max_iters=cfg.max_iters,
-        lr_decay_iters=saved.get('lr_decay_iters', saved.get('max_iters', cfg.max_iters)),
-        budget=cfg.max_time > 0 and not planned, planned=planned,
-        t_begin=t_begin, rank=rank, world=world)
-
+# training: the lecture's loop
 
 def train(run, cfg):
-    """ the lecture's training loop; run holds the model, the optimizer, the data and the state """
+    """ the lecture's training loop. run is the loop's state (LoopState, below the divider): the step,
+    where the run ends, the model, the optimizer and the data; the loop updates it, the checkpoint saves it """
     model, optimizer, accum = run.model, run.optimizer, cfg.gradient_accumulation_steps
     scaler = run.scaler  # fp16's loss scaling (GradScaler); in bf16 and fp32 its calls pass through
     while True:
         step = run.step
-        if run.budget:  # time the first steps, then plan how many fit in max_time
+        if run.budget:  # max_time: time the first steps, then plan how many fit (and plan again)
             time_budget(run, cfg)
         # the loop runs max_iters + 1 times: it evaluates and saves after the last step
         last_step = step == run.max_iters
@@ -542,13 +485,14 @@ def train(run, cfg):
         xb, yb = get_batch(run.splits['train'], cfg.block_size, run.batch_rows, run.device)
 
         # evaluate the loss
-        set_lr(optimizer, get_lr(step, cfg, run.lr_decay_iters))
+        # the rate of this step (the lecture's is flat: --warmup_iters=0 --min_lr_frac=1.0 runs that)
+        set_lr(optimizer, get_lr(step, cfg, run.lr_decay_iters, run.lr_moved))
         optimizer.zero_grad(set_to_none=True)  # before the micro-batches: their gradients add up
         for x, y in micro_batches(run, xb, yb, accum):
             with run.ctx:
                 logits, loss = model(x, y)
             scaler.scale(loss / accum).backward()  # (loss / accum).backward(), scaled in fp16
-        if cfg.grad_clip:
+        if cfg.grad_clip:  # not in the lecture: a rare huge gradient cannot throw the model off
             scaler.unscale_(optimizer)  # fp16: the true gradients, to clip
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)  # optimizer.step(); in fp16 skipped when a gradient overflowed
@@ -593,7 +537,8 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
     device = start_processes(cfg)  # device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.manual_seed(cfg.seed)  # torch.manual_seed(1337)
     check_out_dir(cfg.out_dir)
-    run = loop_state(cfg, checkpoint, t_begin)
+    # run: the loop's state, every variable the training loop updates (LoopState, below the divider)
+    run = loop_state(cfg, checkpoint, t_begin, defaults)
     # the text, its characters, encode and decode, and the train and val splits
     tokenizer, splits = load_data(cfg, checkpoint, run.training)
     # model = GPTLanguageModel(); m = model.to(device)
@@ -604,7 +549,8 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
     if run.training:
         # one run at a time in out_dir; Ctrl-C or SIGTERM stops it after a step, saved
         with one_run_at_a_time(cfg.out_dir, on=run.rank == 0), stop_on_signals(run.signals):
-            # optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate), and the rest
+            # optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate); on a CPU, Muon for
+            # the blocks' matrices (configure_optimizer); then the log, torch.compile, torchrun
             start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx, scaler)
             train(run, cfg)
         if signal.SIGTERM in run.stop:  # asked to end: saved, so no sample
@@ -625,8 +571,9 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
 # ==============================================================================================
 # Below the divider: what a first read can skip. main() and train() call it by name; by concern:
 #   setup that main calls       settings, start_processes, load_data, build_model, autocast, ...
+#   the loop's state            LoopState, loop_state
 #   loop helpers                micro_batches, after_step, after_evaluation, the final loss
-#   the time budget             time_budget, plan, plan_steps
+#   the time budget             time_budget, warm_timings, plan, plan_steps
 #   Muon                        muon_matrices, newton_schulz, Muon, MuonWithAdamW
 #   data at scale               prepare_data: the text encoded once into a file, memory-mapped
 #   checkpoints and the log     save_checkpoint, load_checkpoint, keep_previous_run, start_log
@@ -672,10 +619,10 @@ def settings(argv, defaults, model_class):
     if cfg.init_from in ('resume', 'best'):
         path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
         checkpoint = load_checkpoint(path, model_class)
-        cfg = resume_config(cfg, overrides, checkpoint, path)
+        # a constant edited since the checkpoint was saved counts as the same --name=value would
+        edited = edited_since(checkpoint, cfg, defaults, overrides)
+        cfg = resume_config(cfg, {**edited, **overrides}, checkpoint, path, edited)
     check_config(cfg)
-    if 'max_iters' in overrides:  # a step count given on the command line turns the time budget off
-        cfg.max_time = 0
     return cfg, checkpoint
 
 
@@ -820,13 +767,130 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx, 
     run.loss_curve = LossCurve(cfg, model, device, on=cfg.plot and run.rank == 0)
     run.batch_rows = cfg.batch_size * cfg.gradient_accumulation_steps * run.world
     run.tokens_per_step = run.batch_rows * cfg.block_size
-    steps = plural(run.max_iters - run.step, 'step')
-    steps = f'as many steps as fit in {cfg.max_time} s' if run.budget else steps
-    print(f"training: {steps} to step {'?' if run.budget else run.max_iters}, "
-          f"{run.tokens_per_step:,} tokens per step" + (f" ({run.world} processes)" if run.world > 1 else ""),
-          flush=True)
+    print(training_line(run, cfg), flush=True)
+    print(optimizer_line(run, cfg), flush=True)
+    warn_long_warmup(run, cfg)  # and again if the time budget plans a run that short
     run.t_start = time.time() - run.elapsed if checkpoint else run.t_begin  # a resumed run's clock goes on
-    run.t_log, run.step_log = time.time(), run.step
+    run.t_log, run.step_log = time.time() - run.eval_spent, run.step
+
+
+def training_line(run, cfg):
+    """ what the run trains: to which step, and for how long at most (max_iters or max_time, whichever ends it
+    first), and on how many tokens a step """
+    steps = f"{plural(run.max_iters - run.step, 'step')} to step {run.max_iters}"
+    if run.budget:
+        steps += f" (max_iters) or as many as fit in {cfg.max_time} s (max_time), whichever is fewer"
+    elif not cfg.max_time and not run.planned:
+        steps += " (max_iters; max_time 0: no time limit)"
+    processes = f" ({run.world} processes)" if run.world > 1 else ""
+    return f"training: {steps}, {run.tokens_per_step:,} tokens per step{processes}"
+
+
+def optimizer_line(run, cfg):
+    """ the optimizer that runs and the learning rate's schedule, in a line """
+    adamw = f"AdamW (lr {cfg.learning_rate:g}, betas {cfg.beta1:g}, {cfg.beta2:g})"
+    if isinstance(run.optimizer, MuonWithAdamW):
+        n = len(run.optimizer.muon.param_groups[0]['params'])
+        what = (f"Muon (lr {cfg.learning_rate * cfg.muon_lr_scale:g}, momentum {cfg.muon_momentum:g}) for the "
+                f"blocks' {n} matrices, {adamw} for the rest")
+    else:
+        what = adamw
+    if cfg.min_lr_frac == 1:
+        schedule = 'flat' if not cfg.warmup_iters else f"{cfg.warmup_iters} warmup steps, then flat"
+    else:
+        schedule = f"{cfg.warmup_iters} warmup steps, then a cosine decay to {cfg.min_lr_frac:g}x at the end"
+    return f"optimizer: {what}, weight decay {cfg.weight_decay:g}; learning rate: {schedule}"
+
+
+def warn_long_warmup(run, cfg):
+    """ a warmup as long as the run never reaches learning_rate: said, with the fix """
+    if cfg.warmup_iters >= run.max_iters > run.step and cfg.learning_rate > 0:
+        top = get_lr(run.max_iters - 1, cfg, run.lr_decay_iters)
+        print(f"note: warmup_iters={cfg.warmup_iters} is not shorter than the run ({plural(run.max_iters, 'step')}): the "
+              f"rate rises to {top:.3g} at most, not learning_rate={cfg.learning_rate:g}; set warmup_iters "
+              f"below {run.max_iters} to reach it", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop's state: every variable the training loop updates, declared once
+
+@dataclass
+class LoopState:
+    """ Loop state: every variable the training loop updates, each declared here with what it
+    means (loop_state fills in a resumed run's from its checkpoint; start_training, the parts) """
+    # where the run stands (saved in the checkpoint)
+    step: int = 0  # optimizer steps taken
+    start_step: int = 0  # the step this call began at: 0, or the checkpoint's
+    resumed_at: int = None  # the checkpoint's step: evaluated and saved already
+    saved_step: int = None  # the step of ckpt.pt (a new run saves even at step 0)
+    best_val_loss: float = float('inf')  # best.pt's val loss
+    elapsed: float = 0.0  # seconds trained, resumes included
+    training: bool = True  # any steps left to take?
+    constants: dict = None  # the source of each constant (and the script's defaults): an edit is seen on resume
+    # where it ends: max_iters, or sooner, the last step that fits in max_time
+    max_iters: int = 0  # the last step
+    lr_decay_iters: int = 0  # where the learning rate's cosine ends
+    lr_moved: tuple = None  # (step, lr): where the time budget last moved that end, and the rate there
+    # the time budget (max_time): it times the first steps, plans the last one, and plans again
+    budget: bool = False  # this call keeps a time budget: a new run's, or one resumed before its plan
+    planned: bool = False  # the time budget has planned max_iters; a resumed run keeps its plan
+    deadline: float = None  # past this time the machine has slowed since the plan: the run ends
+    marks: list = field(default_factory=list)  # the training clock at each step up to the first plan
+    t_timed: float = None  # the training clock at the last plan: the next one times the steps since
+    step_timed: int = None  # and the step then
+    eval_spent: float = 0.0  # seconds spent in evaluations: the training clock is the time without them
+    evals: int = 0  # evaluations this call has made (the first is slow: it warms everything up)
+    eval_s: float = 0.0  # seconds of the last estimate_loss
+    save_s: float = 0.0  # seconds of the rest of the last evaluation: checkpoints, log.csv, loss.png
+    batch_s: float = 0.0  # seconds of a warm forward pass over one batch (timed at the first plan)
+    char_s: float = 0.0  # seconds to sample one character, warm (timed at the first plan)
+    # stopping
+    signals: list = field(default_factory=list)  # what this process received: Ctrl-C, SIGTERM
+    stop: list = field(default_factory=list)  # what the loop acts on: the signals, agreed by all
+    # clocks
+    t_begin: float = None  # when the script began: a new run's time budget counts from here
+    t_start: float = None  # when the run began (a resumed run's: moved back by the time it trained)
+    t_log: float = None  # the training clock at the last progress line: ms/step since
+    step_log: int = None  # and its step
+    # processes: one, or one per device under torchrun
+    rank: int = 0  # this process's number (0 alone): the first one saves and prints
+    world: int = 1  # the number of processes (1 alone)
+    # the parts the loop works with, set by start_training
+    model: object = None  # what the loop calls: the model, compiled and wrapped for torchrun if asked
+    raw_model: object = None  # the model itself: what is saved and sampled (nanoGPT's raw_model)
+    optimizer: object = None  # configure_optimizer's
+    tokenizer: object = None  # main's: the characters, encode and decode
+    splits: dict = None  # main's: the train and val token ids
+    device: object = None  # main's: where it computes
+    ctx: object = None  # main's: the precision every forward runs in
+    scaler: object = None  # main's: fp16's loss scaling (GradScaler); in bf16 and fp32 a no-op
+    text: dict = None  # the text file's size and time of change: an edit is noticed on resume
+    batch_rows: int = None  # rows of a step's batch: batch_size x accumulation x processes
+    tokens_per_step: int = None  # batch_rows x block_size
+    ckpt_path: str = None  # out_dir/ckpt.pt, the latest model
+    best_path: str = None  # out_dir/best.pt, the model of the best val loss
+    log_path: str = None  # out_dir/log.csv, a row per evaluation
+    loss_curve: object = None  # draws out_dir/loss.png after each evaluation
+
+
+def loop_state(cfg, checkpoint, t_begin, defaults=None):
+    """ a new run's loop state, or a resumed run's, which goes on from its checkpoint """
+    saved = checkpoint['config'] if checkpoint else {}
+    step = checkpoint['step'] if checkpoint else 0
+    planned = saved.get('planned', True) if checkpoint else False  # a budget plans once, at the start
+    rank, world = rank_and_world()
+    moved = saved.get('lr_moved')
+    return LoopState(
+        step=step, start_step=step, resumed_at=step if checkpoint else None,
+        saved_step=step if checkpoint else None,
+        best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),
+        elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0,
+        training=step < cfg.max_iters, constants=constant_sources(defaults),
+        max_iters=cfg.max_iters,
+        lr_decay_iters=saved.get('lr_decay_iters', saved.get('max_iters', cfg.max_iters)),
+        lr_moved=tuple(moved) if moved else None,
+        budget=cfg.max_time > 0 and not planned, planned=planned,
+        t_begin=t_begin, rank=rank, world=world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -872,13 +936,14 @@ def after_step(run, cfg, loss):
 def print_progress(run, cfg, lossf):
     """ the step, the loss, the speed and the time left, every log_interval steps """
     now = time.time()
-    dt = (now - run.t_log) / (run.step - run.step_log)
+    clock = now - run.eval_spent  # the training clock: ms/step counts training steps only
+    dt = (clock - run.t_log) / (run.step - run.step_log)
     evals_left = run.max_iters // cfg.eval_interval - run.step // cfg.eval_interval
     left = dt * (run.max_iters - run.step) + (evals_left + 1) * (run.eval_s + run.char_s * cfg.preview_chars)
     print(f"  step {run.step}/{run.max_iters} | loss {lossf:.4f} | {dt * 1000:.0f} ms/step | "
           f"{run.tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - run.t_start)} | "
           f"left {format_time(left)}", flush=True)
-    run.t_log, run.step_log = time.time(), run.step
+    run.t_log, run.step_log = time.time() - run.eval_spent, run.step
 
 
 def plural(n, word):
@@ -894,7 +959,7 @@ def after_evaluation(run, cfg, losses, last_step, t0):
     """ after an evaluation: the preview, at the end the whole-split loss, a log.csv row, checkpoints """
     if cfg.preview_chars:
         print('  ' + preview(run.raw_model, run.tokenizer, cfg, run.device, run.ctx), flush=True)
-        run.char_s = (time.time() - t0 - run.eval_s) / cfg.preview_chars
+    t_saves = time.time()  # what follows the preview, the final loss left out, is timed for the budget
     run.elapsed = time.time() - run.t_start
     if run.rank == 0:  # saved first: the final loss below may take a while, and a stop skips it
         if losses['val'] < run.best_val_loss and run.step > 0:
@@ -903,15 +968,17 @@ def after_evaluation(run, cfg, losses, last_step, t0):
         if run.step > run.start_step:
             save_checkpoint(run.ckpt_path, run, cfg)
             run.saved_step = run.step
+    t_final = time.time()
     whole = final_loss(run, cfg) if last_step else None
-    run.t_log += time.time() - t0  # ms/step counts training steps only, and so does the time budget
-    if run.t_timed:
-        run.t_timed += time.time() - t0
+    t_final = time.time() - t_final
     if run.rank == 0:
-        append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}",
-                                  f"{get_lr(run.step, cfg, run.lr_decay_iters):.3e}", f"{run.elapsed:.1f}",
-                                  '' if whole is None else f"{whole:.4f}"])
+        lr = get_lr(run.step, cfg, run.lr_decay_iters, run.lr_moved)
+        append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}", f"{lr:.3e}",
+                                  f"{run.elapsed:.1f}", '' if whole is None else f"{whole:.4f}"])
         run.loss_curve.draw()  # out_dir/loss.png anew from log.csv
+    run.save_s = time.time() - t_saves - t_final
+    run.eval_spent += time.time() - t0  # the training clock leaves evaluations out
+    run.evals += 1
 
 
 def preview(model, tokenizer, cfg, device, ctx):
@@ -936,12 +1003,17 @@ def final_loss(run, cfg):
     return whole
 
 
-def final_windows(data, block_size, max_tokens=1 << 17):
+def final_windows(data, block_size):
     """ where the final loss reads the val split: every block_size window of a split up to max_tokens
     long (all of tiny Shakespeare's 111,540 characters), else max_tokens' worth spread evenly over it """
-    n = (len(data) - 1) // block_size  # non-overlapping windows in the split
-    used = min(n, max(1, max_tokens // block_size))
+    used, n = window_count(len(data), block_size)
     return np.linspace(0, n - 1, used).round().astype(np.int64) * block_size, n  # window starts, of n
+
+
+def window_count(length, block_size, max_tokens=1 << 17):
+    """ how many windows the final loss reads, of the n non-overlapping ones in a split this long """
+    n = (length - 1) // block_size
+    return min(n, max(1, max_tokens // block_size)), n
 
 
 @torch.no_grad()
@@ -969,54 +1041,138 @@ def whole_split_loss(model, data, cfg, device, ctx, stop=()):
 
 
 # ----------------------------------------------------------------------------------------------
-# the time budget: time the first steps, then plan the steps that fit in max_time
+# the time budget: the run ends at max_iters or when max_time is spent, whichever comes first. It
+# times the first steps, plans the last step from warm timings, then plans again before each
+# evaluation; a plan that moves the end moves the learning rate's decay with it, without a jump
 
 def time_budget(run, cfg):
-    """ time 4 x 10 steps of the warmup (steps 10 to 50) and plan the last step to end within max_time; plan
-    again before each evaluation from the steps timed since, so that the whole budget is spent """
-    k, now = run.step - run.start_step, time.time()
-    if k in (10, 20, 30, 40, 50):
-        run.marks.append(now)
-    if k == 50:
-        tens = sorted(b - a for a, b in zip(run.marks, run.marks[1:]))
-        plan(run, cfg, sum(tens[1:3]) / 20)  # the median of the four: a busy moment is left out
-        run.t_timed, run.step_timed = now, run.step  # from here on, the time of every step counts
-    elif k > 50 and run.step % cfg.eval_interval == 0 and run.step < run.max_iters:
-        plan(run, cfg, (now - run.t_timed) / (run.step - run.step_timed))
+    """ before the first step, end the run at once if even the shortest one cannot be kept; time the steps
+    on the training clock (evaluations left out); plan once the first steps are warm: at step 50, or after
+    4 steps when a tenth of max_time has gone by (a short budget cannot wait); plan again before each
+    evaluation from the steps timed since """
+    now = time.time()
+    clock, k = now - run.eval_spent, run.step - run.start_step
+    if not run.planned:
+        run.marks.append(clock)
+        if k == 0:
+            run.batch_s, run.char_s = warm_timings(run, cfg)
+            plan(run, cfg, step_s=None)  # only whether max_time can be kept at all
+        elif k >= 4 and (run.step >= 50 or now - run.t_start > cfg.max_time / 10):
+            durations = sorted(b - a for a, b in zip(run.marks[2:], run.marks[3:]))  # the first 2 are cold
+            run.batch_s, run.char_s = warm_timings(run, cfg)
+            plan(run, cfg, durations[len(durations) // 2])  # the median: a busy moment is left out
+            run.t_timed, run.step_timed = time.time() - run.eval_spent, run.step
+    elif run.step % cfg.eval_interval == 0 and run.step_timed < run.step < run.max_iters:
+        plan(run, cfg, (clock - run.t_timed) / (run.step - run.step_timed))
+        run.t_timed, run.step_timed = clock, run.step  # the next plan times the steps from here
+
+
+@torch.no_grad()
+def warm_timings(run, cfg):
+    """ the seconds of a forward pass over one evaluation batch, and of one sampled character, each timed
+    after a call that warms it up: a run's first calls are many times slower (the first evaluation 2-3x,
+    the first characters 50x), and a plan made from them would be far too short """
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches of their own: the training's stream is untouched
+    run.model.eval()
+    timed = []
+    for _ in range(4):
+        t0 = time.time()
+        X, Y = get_batch(run.splits['val'], cfg.block_size, cfg.batch_size, run.device, gen)
+        with run.ctx:
+            run.model(X, Y)[1].item()  # .item() waits for the GPU
+        timed.append(time.time() - t0)
+    run.model.train()
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=run.device)
+    with run.ctx:
+        idx = run.raw_model.generate(idx, 2, cfg.temperature, cfg.top_k, generator)  # the warm-up
+        t0 = time.time()
+        run.raw_model.generate(idx, 8, cfg.temperature, cfg.top_k, generator)[0, -1].item()
+    return sorted(timed[1:])[1], (time.time() - t0) / 8
+
+
+def evaluation_s(run, cfg):
+    """ the seconds one evaluation takes: estimate_loss (as measured, once a warm one has been; before, from
+    the warm forward pass), the preview, and the checkpoints, log and picture after it """
+    estimate = run.eval_s if run.evals > 1 else 2 * cfg.eval_iters * run.batch_s / run.world
+    return estimate + cfg.preview_chars * run.char_s + run.save_s
 
 
 def plan(run, cfg, step_s):
-    """ the run's last step, the end of its schedule and its deadline, from the seconds a step takes """
-    val_tokens = len(final_windows(run.splits['val'], cfg.block_size)[0]) * cfg.block_size
-    run.max_iters, final_s = plan_steps(cfg, run.device, run.step, step_s, time.time() - run.t_start,
-                                        run.eval_s, run.char_s, val_tokens, run.planned)  # quiet when planned
-    run.lr_decay_iters, run.planned = run.max_iters, True
-    run.deadline = run.t_start + 0.985 * cfg.max_time - final_s  # past it, the machine has slowed down
-
-
-def plan_steps(cfg, device, step, step_s, elapsed, eval_s, char_s, val_tokens, quiet=False):
-    """
-    The time budget: the most steps (a multiple of 50) whose training, evaluations, whole-split loss and
-    sample end within max_time, from the measured seconds of a step, of estimate_loss and of sampling a
-    character.
-    """
-    token_s = eval_s / (2 * cfg.eval_iters * cfg.batch_size * cfg.block_size)  # a forward pass, per token
-    char_s = char_s or token_s * cfg.block_size  # not measured when preview_chars is 0
-    eval_s += char_s * cfg.preview_chars
-    final_s = eval_s + token_s * val_tokens + char_s * cfg.num_samples * cfg.max_new_tokens
-    left = 0.97 * cfg.max_time - elapsed - final_s  # 3% for starting up and for noise
-    n = max(step, int(step + left / (step_s + eval_s / cfg.eval_interval)) // 50 * 50)
-    rank, world = rank_and_world()
-    if world > 1:  # every process runs the first one's plan
-        n = torch.tensor([n], device=device)
+    """ the run's last step from the seconds a step takes; the learning rate's decay moved to end there, and
+    the deadline past which the machine has slowed down; said in a line. When even the shortest run (stop
+    now, evaluate, the whole-split loss, the sample) cannot end within max_time, that is said instead, and
+    the run ends now. step_s None: only that check """
+    first = not run.planned
+    val_tokens = window_count(len(run.splits['val']), cfg.block_size)[0] * cfg.block_size
+    eval_s = evaluation_s(run, cfg)
+    token_s = run.batch_s / (cfg.batch_size * cfg.block_size) / run.world  # a forward pass, per token
+    final_s = eval_s + token_s * val_tokens + run.char_s * cfg.num_samples * cfg.max_new_tokens
+    elapsed = time.time() - run.t_start
+    shortest = torch.tensor([float(elapsed + final_s > cfg.max_time)], device=run.device)
+    if run.world > 1:  # every process ends with the first one
+        torch.distributed.broadcast(shortest, 0)
+    if first and shortest.item():
+        print(f"time budget {cfg.max_time} s cannot be kept: even stopping now, at step {run.step} and "
+              f"{elapsed:.1f} s in, to evaluate ({eval_s:.1f} s), take the loss over the whole val split and "
+              f"sample {cfg.num_samples * cfg.max_new_tokens} characters ends at about {elapsed + final_s:.0f} s; "
+              f"it ends now. Set --max_time={math.ceil((elapsed + final_s) * 1.2)} or more, a larger "
+              f"--eval_interval, or fewer --max_new_tokens", flush=True)
+        run.max_iters = run.lr_decay_iters = run.step
+        run.planned = True
+        return
+    if step_s is None:
+        return
+    n = plan_steps(cfg, run.step, run.max_iters, step_s, elapsed, eval_s, final_s)
+    if run.world > 1:  # every process runs the first one's plan
+        n = torch.tensor([n], device=run.device)
         torch.distributed.broadcast(n, 0)
         n = n.item()
-    evals = n // cfg.eval_interval - step // cfg.eval_interval
-    end = elapsed + (n - step) * step_s + evals * eval_s + final_s
-    if not quiet:
-        print(f"time budget {cfg.max_time} s: {n} steps at {step_s * 1000:.0f} ms/step, "
-              f"done at about {format_time(end)}", flush=True)
-    return n, final_s
+    evals = evaluations(run.step, n, cfg.eval_interval)
+    end = elapsed + (n - run.step) * step_s + (evals - 1) * eval_s + final_s
+    if first or n != run.max_iters:
+        now = f"{n} steps" + (' (max_iters)' if n == cfg.max_iters else '')
+        print(f"time budget {cfg.max_time} s: {now if first else f'now {now} (was {run.max_iters})'} at "
+              f"{step_s * 1000:.0f} ms/step and {plural(evals, 'evaluation')} at {eval_s:.1f} s, done at "
+              f"about {format_time(end)}", flush=True)
+    move_schedule(run, cfg, n)
+    said = cfg.warmup_iters >= run.max_iters  # at the start
+    run.max_iters, run.planned = n, True
+    run.deadline = None if n == run.step else run.t_start + 0.985 * cfg.max_time - final_s
+    if first and not said:
+        warn_long_warmup(run, cfg)
+
+
+def move_schedule(run, cfg, end):
+    """ the decay ends at step end from now on: after the warmup, the cosine goes on from the rate this step
+    has, so that the rate never jumps (get_lr's moved) """
+    if end != run.lr_decay_iters and run.step > cfg.warmup_iters:
+        run.lr_moved = (run.step, get_lr(run.step, cfg, run.lr_decay_iters, run.lr_moved))
+    run.lr_decay_iters = end
+
+
+def evaluations(step, end, interval):
+    """ the evaluations from step to end: at each multiple of interval from step on, and at end """
+    return -(-end // interval) - -(-step // interval) + 1  # ceil(end / interval) - ceil(step / interval) + 1
+
+
+def plan_steps(cfg, step, max_iters, step_s, elapsed, eval_s, final_s):
+    """
+    The time budget's arithmetic: the most steps, up to max_iters, whose training and evaluations, then the
+    last evaluation, the whole-split loss and the sample (final_s), end within 97% of max_time (3% is kept
+    for noise). A multiple of 50 when over 100 steps are left; step itself when not one more fits.
+    """
+    def end(n):
+        return elapsed + (n - step) * step_s + (evaluations(step, n, cfg.eval_interval) - 1) * eval_s + final_s
+    target = 0.97 * cfg.max_time
+    n = min(max_iters, step + max(0, int((target - end(step)) / (step_s + eval_s / cfg.eval_interval))))
+    while n > step and end(n) > target:  # the evaluations are counted one by one
+        n -= 1
+    while n < max_iters and end(n + 1) <= target:
+        n += 1
+    if n - step > 100 and n < max_iters:
+        n -= n % 50
+    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1232,8 +1388,9 @@ def save_checkpoint(path, run, cfg):
         scaler=run.scaler.state_dict(),  # fp16's loss scale, its growth tracker; {} in bf16 and fp32
         model_class=type(run.raw_model).__name__, model_args=asdict(run.raw_model.config),
         config={**vars(cfg), 'max_iters': run.max_iters, 'lr_decay_iters': run.lr_decay_iters,
-                'planned': run.planned,  # the settings, with the loop's plan
+                'lr_moved': run.lr_moved, 'planned': run.planned,  # the settings, with the loop's plan
                 'input_file': os.path.abspath(cfg.input_file)},  # found again from any folder
+        constants=run.constants,  # the file's lines as they were: an edit made before a resume is seen
         text=run.text, processes=run.world, command=command_of(type(run.raw_model)),
         step=run.step, best_val_loss=run.best_val_loss, elapsed=run.elapsed, chars=run.tokenizer.chars,
         rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if cuda else [],
@@ -1659,12 +1816,18 @@ def check_pictures(cfg):
 # ----------------------------------------------------------------------------------------------
 # the command line: --name=value settings, checked before any time is spent
 
-def read_constants(path=__file__):
-    """ the constants above as {name: comment}, read from this file so --help can show the comments """
+def read_constant_lines(path=__file__):
+    """ the constants at the top as {name: (value as written, comment)}, read from this file: --help shows
+    the comments, and a resume sees which values were edited """
     source = open(path, encoding='utf-8').read()
     block = source.split('# hyperparameters\n', 1)[1].split('# ----', 1)[0]
-    lines = re.findall(r'^([a-z_0-9]+) = .*?(?:  # (.*))?$', block, flags=re.M)
-    return {name: comment for name, comment in lines if name != 'cuda'}
+    lines = re.findall(r'^([a-z_0-9]+) = (.*?)(?:  # (.*))?$', block, flags=re.M)
+    return {name: (text, comment) for name, text, comment in lines if name != 'cuda'}
+
+
+def read_constants(path=__file__):
+    """ the constants above as {name: comment} """
+    return {name: comment for name, (_, comment) in read_constant_lines(path).items()}
 
 
 def get_config(argv, defaults=None):
@@ -1721,13 +1884,15 @@ def check_config(cfg):
                  'eval_interval', 'eval_iters', 'log_interval', 'num_samples'):
         if getattr(cfg, name) <= 0:
             die(f"{name} must be positive, not {getattr(cfg, name)}")
-    for name in ('max_iters', 'max_time', 'max_new_tokens', 'learning_rate', 'min_lr', 'warmup_iters',
+    for name in ('max_iters', 'max_time', 'max_new_tokens', 'learning_rate', 'min_lr_frac', 'warmup_iters',
                  'weight_decay', 'grad_clip', 'temperature', 'top_k', 'preview_chars', 'muon_lr_scale'):
         if getattr(cfg, name) < 0:
             die(f"{name} must not be negative, not {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
-        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}), "
-            f"e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
+        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}): {head_choices(cfg.n_embd, cfg.n_head)}")
+    if cfg.min_lr_frac > 1:
+        die(f"min_lr_frac ({cfg.min_lr_frac}) must be at most 1: the decay ends at learning_rate times it, and "
+            f"may not rise above learning_rate; 0.1 decays to a tenth, 1.0 keeps the rate flat")
     for name in ('dropout', 'beta1', 'beta2', 'muon_momentum'):
         if not 0 <= getattr(cfg, name) < 1:
             die(f"{name} must be at least 0 and below 1, not {getattr(cfg, name)}")
@@ -1744,29 +1909,65 @@ def check_config(cfg):
     check_pictures(cfg)
 
 
-def resume_config(cfg, overrides, checkpoint, path):
-    """ a resumed run is the same run: the checkpoint's settings, then the command line's, in one line """
+PER_CALL = ('init_from', 'out_dir', 'device', 'attention')  # a call's own settings: where, on what, what for
+
+
+def head_choices(n_embd, n_head):
+    """ what to set when n_head does not divide n_embd: the nearest head counts that do, or the width
+    rounded up to a multiple of n_head """
+    below = next(h for h in range(n_head, 0, -1) if n_embd % h == 0)
+    above = next((h for h in range(n_head, min(n_embd, 4 * n_head) + 1) if n_embd % h == 0), None)
+    heads = f"n_head={below}" + (f" or {above}" if above and above != below else '')
+    return f"set {heads}, or n_embd={-(-n_embd // n_head) * n_head}"
+
+
+def resume_config(cfg, overrides, checkpoint, path, edited=()):
+    """ a resumed run is the same run: the checkpoint's settings, then the command line's and the file's
+    edits since (edited), in one line """
     saved = {'optimizer': 'adamw', **checkpoint['config']}  # a checkpoint from before Muon: AdamW's state
+    if 'min_lr_frac' not in saved and 'min_lr' in saved:  # a checkpoint from before min_lr_frac
+        saved['min_lr_frac'] = saved['min_lr'] / saved['learning_rate'] if saved['learning_rate'] else 1.0
     shape = checkpoint['model_args']
+
+    def drop(names):  # how to take a setting back: --name, or the line edited at the top of the file
+        return ' '.join(f"{k} = {saved.get(k, shape.get(k))!r} at the top" if k in edited else f"--{k}"
+                        for k in names)
     fixed = [k for k, v in overrides.items()
              if k in shape and v != shape[k] and k not in ('dropout', 'fused_attention')]
     if fixed:
-        die(f"a trained model keeps its shape ({', '.join(f'{k}={shape[k]!r}' for k in fixed)}): drop "
-            f"{' '.join(f'--{k}' for k in fixed)}, or train a new model with another --out_dir")
+        die(f"a trained model keeps its shape ({', '.join(f'{k}={shape[k]!r}' for k in fixed)}): "
+            f"{'put back' if set(fixed) <= set(edited) else 'drop'} {drop(fixed)}, or train a new model with "
+            f"another --out_dir")
     if overrides.get('optimizer', saved['optimizer']) != saved['optimizer']:  # its state fits no other
         die(f"a run keeps its optimizer ({path} was trained with optimizer={saved['optimizer']!r}): "
-            f"drop --optimizer, or train a new model with another --out_dir")
+            f"{'put back' if 'optimizer' in edited else 'drop'} {drop(['optimizer'])}, or train a new model "
+            f"with another --out_dir")
     if overrides.get('max_time', saved.get('max_time')) != saved.get('max_time'):
         die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
-            f"set --max_iters=N to train it longer")
-    per_call = ('init_from', 'out_dir', 'device', 'attention')  # this call's own: where, on what, what for
-    loop = ('lr_decay_iters', 'planned')  # the loop's state, not settings: see loop_state
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in overrides.items()
-               if k in saved and k not in per_call and saved[k] != v]
+            f"{'put back' if 'max_time' in edited else 'drop'} {drop(['max_time'])}, and set --max_iters=N to "
+            f"train it longer")
+    loop = ('lr_decay_iters', 'lr_moved', 'planned')  # the loop's state, not settings: see loop_state
+    changed = [f"{k} {saved[k]!r} -> {v!r}" + (' (edited in the file)' if k in edited else '')
+               for k, v in overrides.items() if k in saved and k not in PER_CALL and saved[k] != v]
     print(f"resuming {path} at step {checkpoint['step']} with its settings"
           + (f"; changed: {', '.join(changed)}" if changed else ''))
-    kept = {k: v for k, v in saved.items() if k not in per_call + loop}
+    kept = {k: v for k, v in saved.items() if k not in PER_CALL + loop}
     return SimpleNamespace(**{**vars(cfg), **kept, **overrides})
+
+
+def constant_sources(defaults=None):
+    """ each setting's source: the text of its line at the top of this file, or, for a setting the script
+    gives (bigram.py's defaults), its value; saved with a checkpoint, to see later which lines were edited """
+    sources = {name: text for name, (text, _) in read_constant_lines().items()}
+    return {**sources, **{k: repr(v) for k, v in (defaults or {}).items()}}
+
+
+def edited_since(checkpoint, cfg, defaults, overrides):
+    """ the settings whose line (or the script's default) was edited since the checkpoint was saved, with
+    their values now: a resume takes them as it takes --name=value (the command line's own win) """
+    then, now = checkpoint.get('constants') or {}, constant_sources(defaults)
+    return {k: getattr(cfg, k) for k in now
+            if k in then and then[k] != now[k] and k not in overrides and k not in PER_CALL}
 
 
 def pick_device(name):

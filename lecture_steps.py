@@ -31,7 +31,7 @@ defaults = dict(
     eval_iters=200,  # batches of each split averaged in one estimate
     log_interval=500,  # print progress every this many steps
     learning_rate=1e-3,  # self-attention can't tolerate very high learning rates, says the lecture
-    min_lr=1e-3,  # equal to learning_rate: no schedule, as in the lecture
+    min_lr_frac=1.0,  # the rate stays at learning_rate: no schedule, as in the lecture
     warmup_iters=0,  # no warmup, as in the lecture
     weight_decay=0.01,  # torch.optim.AdamW's default; gpt.py decays the 2-D weights only (the lecture: all)
     beta1=0.9,  # torch.optim.AdamW's default
@@ -196,7 +196,7 @@ class PlainBlock(ResidualBlock):
 # step: (what it adds, the video's val loss, the model, settings of its own on top of defaults)
 steps = {
     0: ("bigram: a table row of logits per character (bigram.py's model, lr 1e-2, 3000 steps)", 2.49,
-        bigram.BigramLanguageModel, dict(learning_rate=1e-2, min_lr=1e-2, max_iters=3000, eval_interval=300)),
+        bigram.BigramLanguageModel, dict(learning_rate=1e-2, max_iters=3000, eval_interval=300)),
     1: ("token and position embeddings, one head of self-attention (head_size 32)", 2.4, OneHeadModel, {}),
     2: ("4 heads of 8 in parallel instead (multi-head attention)", 2.28, MultiHeadModel, {}),
     3: ("+ a feed-forward layer after the heads: Linear(32,32) and ReLU", 2.24, FeedForwardModel, {}),

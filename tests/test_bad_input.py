@@ -46,6 +46,10 @@ def test_bad_settings_stop_before_training_with_one_line(workdir, args, expected
     (['--max_iter=5'], "did you mean max_iters"),
     (['--zzzz=5'], "unknown setting 'zzzz': see --help"),
     (['--max_iters=lots'], 'takes an int'),
+    (['--n_embd=96', '--n_head=5'], 'must be divisible by n_head (5): set n_head=4 or 6, or n_embd=100'),
+    (['--n_embd=30', '--n_head=4'], 'set n_head=3 or 5, or n_embd=32'),
+    (['--min_lr_frac=1.5'], 'min_lr_frac (1.5) must be at most 1'),
+    (['--min_lr=1e-2'], 'did you mean min_lr_frac'),
 ])
 def test_settings_that_cannot_work_are_one_line(workdir, monkeypatch, args, expected):
     monkeypatch.chdir(workdir)
@@ -127,14 +131,14 @@ def test_a_prompt_the_checkpoint_never_saw(trained):
 def test_a_loss_that_becomes_nan_stops_and_keeps_the_last_good_checkpoint(trained):
     before = snapshot(trained)
     line = one_line_error(run_script(trained, *TINY, '--init_from=resume', '--max_iters=40',
-                                     '--learning_rate=1e30', '--min_lr=1e30', '--grad_clip=0.0', '--warmup_iters=0'))
+                                     '--learning_rate=1e30', '--grad_clip=0.0', '--warmup_iters=0'))
     assert 'at step 22;' in line and 'learning_rate' in line
     assert snapshot(trained) == before
 
 
 def test_a_loss_that_becomes_nan_gives_advice_that_fits(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    line = error_of([*TINY, '--learning_rate=1e30', '--min_lr=1e30', '--warmup_iters=0'])
+    line = error_of([*TINY, '--learning_rate=1e30', '--warmup_iters=0'])
     assert 'nothing was saved' in line and 'grad_clip' not in line  # grad_clip is already on
 
 
@@ -152,7 +156,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, monke
     optimizer = torch.optim.AdamW(model.parameters())
     cfg, _ = gpt.get_config([])
     run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, optimizer=optimizer, text={}, world=1,
-                              tokenizer=gpt.CharTokenizer('abc'), max_iters=20, lr_decay_iters=20, planned=True,
+                              tokenizer=gpt.CharTokenizer('abc'), max_iters=20, lr_decay_iters=20, lr_moved=None, planned=True, constants={},
                               scaler=torch.amp.GradScaler('cpu', enabled=False))
     with pytest.raises(SystemExit, match='previous checkpoint is intact'):
         gpt.save_checkpoint(path, run, cfg)
@@ -190,7 +194,7 @@ def test_a_full_disk_when_a_checkpoint_is_written_says_so(tmp_path, monkeypatch)
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=8, n_head=2, n_layer=1))
     run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, text={}, world=1,
                               optimizer=torch.optim.AdamW(model.parameters()), tokenizer=gpt.CharTokenizer('abc'),
-                              max_iters=20, lr_decay_iters=20, planned=True,
+                              max_iters=20, lr_decay_iters=20, lr_moved=None, planned=True, constants={},
                               scaler=torch.amp.GradScaler('cpu', enabled=False))
     with pytest.raises(SystemExit) as e:
         gpt.save_checkpoint(str(tmp_path / 'ckpt.pt'), run, gpt.get_config([])[0])
@@ -285,4 +289,4 @@ def test_one_step_is_said_as_one_step(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     gpt.main([*TINY, '--max_iters=1'])
     out = capsys.readouterr().out
-    assert 'training: 1 step to step 1,' in out and '1 steps' not in out
+    assert 'training: 1 step to step 1 (max_iters)' in out and '1 steps' not in out

@@ -106,7 +106,7 @@ def test_each_step_trains_through_gpt_main(step, workdir, monkeypatch, capsys):
 def test_the_lectures_settings():
     _, d = lecture_steps.step_settings(3)
     assert (d['batch_size'], d['block_size'], d['n_embd'], d['max_iters'], d['eval_interval']) == (32, 8, 32, 5000, 500)
-    assert d['learning_rate'] == d['min_lr'] == 1e-3 and d['warmup_iters'] == 0  # a constant learning rate
+    assert d['learning_rate'] == 1e-3 and d['min_lr_frac'] == 1.0 and d['warmup_iters'] == 0  # a flat rate
     assert (d['beta1'], d['beta2'], d['weight_decay'], d['grad_clip']) == (0.9, 0.999, 0.01, 0.0)  # torch's AdamW
     assert d['max_time'] == 0 and d['dropout'] == 0.0 and d['activation'] == 'relu' and d['out_dir'] == 'out-step3'
     # gpt.get_config takes any key of defaults without a word, so a misspelt one would silently do nothing

@@ -114,7 +114,7 @@ import signal, sys, gpt
 sys.argv = ['ipykernel_launcher.py', '-f', 'kernel.json']  # what Jupyter passes
 before = signal.getsignal(signal.SIGINT)
 try:
-    gpt.main([*{TINY!r}, '--learning_rate=1e30', '--min_lr=1e30', '--warmup_iters=0'])  # fails while training
+    gpt.main([*{TINY!r}, '--learning_rate=1e30', '--warmup_iters=0'])  # fails while training
 except SystemExit as e:
     print('failed:', e)
 assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
