@@ -37,6 +37,7 @@ defaults = dict(
     beta1=0.9,  # torch.optim.AdamW's default
     beta2=0.999,  # torch.optim.AdamW's default
     optimizer='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)
+    embedding_lr_scale=1.0,  # one rate for every weight, as the lecture (gpt.py's CPU run: 3x for its tables)
     grad_clip=0.0,  # the lecture does not clip the gradient
 )
 # ----------------------------------------------------------------------------------------------

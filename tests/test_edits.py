@@ -76,7 +76,7 @@ def test_a_file_edited_before_a_resume_is_taken_and_said(workdir, learner):
     run(edited_copy(learner, max_iters=20), learner, *SMALL)
     script = edited_copy(learner, learning_rate='3e-4', max_iters=40)
     out = run(script, learner, '--device=cpu', '--init_from=resume')
-    assert ("learning_rate 0.006 -> 0.0003 (edited in the file)" in out
+    assert ("learning_rate 0.01 -> 0.0003 (edited in the file)" in out
             and 'changed: max_iters 20 -> 40 (edited in the file)' in out)
     assert losses(out)[-1][0] == '40'
     saved = load(learner / 'out' / 'ckpt.pt')['config']
@@ -110,11 +110,11 @@ def test_a_warmup_as_long_as_the_run_is_said(workdir, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize('args, line', [
-    (['--optimizer=muon'], "optimizer: Muon (lr 0.012, momentum 0.9) for the blocks' 9 matrices, AdamW (lr 0.006, "
-                           "betas 0.9, 0.95) for the rest, weight decay 0.1; learning rate: 2 warmup steps, then a "
-                           "cosine decay to 0.1x at the end"),
-    (['--optimizer=adamw', '--min_lr_frac=1.0', '--warmup_iters=0'],
-     "optimizer: AdamW (lr 0.006, betas 0.9, 0.95), weight decay 0.1; learning rate: flat"),
+    (['--optimizer=muon'], "optimizer: Muon (lr 0.012, momentum 0.9) for the blocks' 9 matrices, AdamW (lr 0.01, "
+                           "betas 0.9, 0.95) for the rest, the embedding tables at lr 0.03, weight decay 0.1; "
+                           "learning rate: 2 warmup steps, then a cosine decay to 0.1x at the end"),
+    (['--optimizer=adamw', '--min_lr_frac=1.0', '--warmup_iters=0', '--embedding_lr_scale=1.0'],
+     "optimizer: AdamW (lr 0.01, betas 0.9, 0.95), weight decay 0.1; learning rate: flat"),
 ])
 def test_the_start_of_a_run_names_the_optimizer_and_the_precision(workdir, monkeypatch, capsys, args, line):
     monkeypatch.chdir(workdir)

@@ -50,7 +50,29 @@ def test_one_schedule_drives_both_with_muons_scale():
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_layer=1))
     opt = gpt.configure_optimizer(model, cfg, torch.device('cpu'))
     gpt.set_lr(opt, 1e-3)
-    assert {g['lr'] for g in opt.muon.param_groups} == {2e-3} and {g['lr'] for g in opt.adamw.param_groups} == {1e-3}
+    assert {g['lr'] for g in opt.muon.param_groups} == {2e-3}
+    tables = {id(model.token_embedding_table.weight), id(model.position_embedding_table.weight)}
+    lrs = {id(p): g['lr'] for g in opt.adamw.param_groups for p in g['params']}
+    assert {lr for i, lr in lrs.items() if i in tables} == {1e-3 * cfg.embedding_lr_scale}  # 3e-3 on a CPU
+    assert {lr for i, lr in lrs.items() if i not in tables} == {1e-3}
+
+
+def test_one_rate_for_every_weight_when_the_tables_scale_is_1():
+    cfg, _ = gpt.get_config(['--optimizer=adamw', '--embedding_lr_scale=1.0'])
+    model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2, n_layer=1))
+    opt = gpt.configure_optimizer(model, cfg, torch.device('cpu'))
+    gpt.set_lr(opt, 1e-3)
+    assert len(opt.param_groups) == 2 and {g['lr'] for g in opt.param_groups} == {1e-3}  # as before the scale
+
+
+def test_a_checkpoint_from_before_the_tables_scale_resumes_with_one_rate(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    gpt.main([*TINY, '--embedding_lr_scale=1.0'])
+    ckpt = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
+    del ckpt['config']['embedding_lr_scale']  # as gpt.py wrote it before it had the setting
+    torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
+    gpt.main(['--device=cpu', '--init_from=resume', '--max_iters=30'])
+    assert torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)['config']['embedding_lr_scale'] == 1.0
 
 
 def test_a_muon_run_saves_its_state_and_a_resume_keeps_the_optimizer(workdir, monkeypatch):
@@ -80,4 +102,5 @@ def test_the_schedule_reaches_an_optimizer_loaded_from_a_checkpoint():
     opt = gpt.configure_optimizer(model, cfg, torch.device('cpu'))
     opt.load_state_dict(opt.state_dict())  # as a resumed run does: each optimizer gets new param_groups
     gpt.set_lr(opt, 5e-3)
-    assert [g['lr'] for g in opt.muon.param_groups + opt.adamw.param_groups] == [5e-3 * cfg.muon_lr_scale, 5e-3, 5e-3]
+    assert [g['lr'] for g in opt.muon.param_groups + opt.adamw.param_groups] == [
+        5e-3 * cfg.muon_lr_scale, 5e-3, 5e-3, 5e-3 * cfg.embedding_lr_scale]
