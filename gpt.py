@@ -64,7 +64,7 @@ fused_attention = True  # all heads in one fused kernel; False runs the lecture'
 # training
 max_time = 0 if cuda else 180  # seconds, start to sample (0 = no limit): the run ends at max_iters or here
 log_interval = 100  # print progress every this many steps
-min_lr_frac = 0.1  # the cosine decays to learning_rate times this at the last step (nanoGPT: a tenth)
+min_lr_frac = 0.1 if cuda else 0.06  # the cosine ends at learning_rate times this (nanoGPT: a tenth)
 warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
 weight_decay = 0.1  # on the weight matrices only (not biases and norms), AdamW's and Muon's
 beta1 = 0.9  # AdamW beta1
@@ -1078,26 +1078,28 @@ def time_budget(run, cfg):
 
 @torch.no_grad()
 def warm_timings(run, cfg):
-    """ the seconds of a forward pass over one evaluation batch, and of one sampled character, each timed
-    after a call that warms it up: a run's first calls are many times slower (the first evaluation 2-3x,
-    the first characters 50x), and a plan made from them would be far too short """
+    """ the seconds of a forward pass over one evaluation batch, and of one sampled character, each the
+    quickest of 5 timed after 2 calls that warm it up: a run's first calls are many times slower (the first
+    evaluation 2-3x, the first characters 50x), and a moment of a busy machine is left out """
     gen = torch.Generator().manual_seed(cfg.seed)  # batches of their own: the training's stream is untouched
     run.model.eval()
-    timed = []
-    for _ in range(4):
+    batch_s = []
+    for _ in range(7):
         t0 = time.time()
         X, Y = get_batch(run.splits['val'], cfg.block_size, cfg.batch_size, run.device, gen)
         with run.ctx:
             run.model(X, Y)[1].item()  # .item() waits for the GPU
-        timed.append(time.time() - t0)
+        batch_s.append(time.time() - t0)
     run.model.train()
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
-    idx = torch.zeros((1, 1), dtype=torch.long, device=run.device)
-    with run.ctx:
-        idx = run.raw_model.generate(idx, 2, cfg.temperature, cfg.top_k, generator)  # the warm-up
+    idx, char_s = torch.zeros((1, 1), dtype=torch.long, device=run.device), []
+    for _ in range(7):  # a character a call, as sample() makes them
         t0 = time.time()
-        run.raw_model.generate(idx, 8, cfg.temperature, cfg.top_k, generator)[0, -1].item()
-    return sorted(timed[1:])[1], (time.time() - t0) / 8
+        with run.ctx:
+            idx = run.raw_model.generate(idx, 1, cfg.temperature, cfg.top_k, generator)
+        run.tokenizer.decode(idx[0, -1:].tolist())
+        char_s.append(time.time() - t0)
+    return min(batch_s[2:]), min(char_s[2:])
 
 
 def evaluation_s(run, cfg):
@@ -1132,7 +1134,7 @@ def plan(run, cfg, step_s):
         return
     if step_s is None:
         return
-    n = plan_steps(cfg, run.step, run.max_iters, step_s, elapsed, eval_s, final_s)
+    n = plan_steps(cfg, run.step, cfg.max_iters, step_s, elapsed, eval_s, final_s)  # a re-plan may extend it
     if run.world > 1:  # every process runs the first one's plan
         n = torch.tensor([n], device=run.device)
         torch.distributed.broadcast(n, 0)

@@ -111,7 +111,19 @@ def test_a_replan_that_moves_the_end_never_raises_the_learning_rate(workdir, mon
     lrs = [float(r['lr']) for r in log_rows(workdir / 'out')]
     assert len(lrs) > 3 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # past the warmup: no rise
     saved = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)['config']
-    assert saved['lr_moved'] is not None and lrs[-1] == pytest.approx(0.1 * gpt.learning_rate, rel=1e-3)
+    assert saved['lr_moved'] is not None and lrs[-1] == pytest.approx(gpt.min_lr_frac * gpt.learning_rate, rel=1e-3)
+
+
+def test_a_machine_that_speeds_up_gets_a_longer_run_without_a_jump_in_the_rate(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    virtual_clock(monkeypatch, slower=(120, 0.004))  # from step 120 on, a step takes 4 ms instead of 10
+    gpt.main([*NO_STEPS, '--max_time=10', '--eval_interval=100', '--warmup_iters=20'])
+    out = capsys.readouterr().out
+    first = int(re.search(r'time budget 10 s: (\d+) steps', out).group(1))
+    moves = [int(n) for n in re.findall(r'time budget 10 s: now (\d+) steps \(was \d+\)', out)]
+    assert moves and moves[-1] > first and int(STEP_LINE.findall(out)[-1][0]) == moves[-1]  # it took them
+    lrs = [float(r['lr']) for r in log_rows(workdir / 'out')]
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
 def lrs_of_a_run(monkeypatch, args, stop_at=None):
