@@ -33,6 +33,7 @@ EDITS = dict(
     optimizer="'adamw'", muon_lr_scale='1.0', muon_momentum='0.95', gradient_accumulation_steps='2',
     prompt="'ROMEO:'", attention='True', num_samples='2', max_new_tokens='10', temperature='0.0', top_k='5',
     preview_chars='0', out_dir="'elsewhere'", init_from="'resume'", plot='True', torch_compile='True',
+    embedding_lr_scale='1.0',
 )
 
 
