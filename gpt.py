@@ -458,7 +458,7 @@ def get_lr(step, cfg, end, moved=None):
 def set_lr(optimizer, lr):
     """ the step's learning rate into every parameter group """
     for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's matrices may take a multiple of it
+        group['lr'] = lr * group.get('lr_scale', 1.0)  # Muon's matrices, the CPU's tables: a multiple
 
 
 # ----------------------------------------------------------------------------------------------
@@ -851,8 +851,8 @@ class LoopState:
     evals: int = 0  # evaluations this call has made (the first is slow: it warms everything up)
     eval_s: float = 0.0  # seconds of the last estimate_loss
     save_s: float = 0.0  # seconds of the rest of the last evaluation: checkpoints, log.csv, loss.png
-    batch_s: float = 0.0  # seconds of a warm forward pass over one batch (timed at the first plan)
-    char_s: float = 0.0  # seconds to sample one character, warm (timed at the first plan)
+    batch_s: float = 0.0  # seconds of a warm forward pass over one batch (timed before step 1 and at the plan)
+    char_s: float = 0.0  # seconds to sample one character, warm (timed with batch_s)
     # stopping
     signals: list = field(default_factory=list)  # what this process received: Ctrl-C, SIGTERM
     stop: list = field(default_factory=list)  # what the loop acts on: the signals, agreed by all
@@ -1120,10 +1120,7 @@ def plan(run, cfg, step_s):
     token_s = run.batch_s / (cfg.batch_size * cfg.block_size) / run.world  # a forward pass, per token
     final_s = eval_s + token_s * val_tokens + run.char_s * cfg.num_samples * cfg.max_new_tokens
     elapsed = time.time() - run.t_start
-    shortest = torch.tensor([float(elapsed + final_s > cfg.max_time)], device=run.device)
-    if run.world > 1:  # every process ends with the first one
-        torch.distributed.broadcast(shortest, 0)
-    if first and shortest.item():
+    if first and the_first_processes(elapsed + final_s > cfg.max_time, run):
         print(f"time budget {cfg.max_time} s cannot be kept: even stopping now, at step {run.step} and "
               f"{elapsed:.1f} s in, to evaluate ({eval_s:.1f} s), take the loss over the whole val split and "
               f"sample {cfg.num_samples * cfg.max_new_tokens} characters ends at about {elapsed + final_s:.0f} s; "
@@ -1134,11 +1131,7 @@ def plan(run, cfg, step_s):
         return
     if step_s is None:
         return
-    n = plan_steps(cfg, run.step, cfg.max_iters, step_s, elapsed, eval_s, final_s)  # a re-plan may extend it
-    if run.world > 1:  # every process runs the first one's plan
-        n = torch.tensor([n], device=run.device)
-        torch.distributed.broadcast(n, 0)
-        n = n.item()
+    n = the_first_processes(plan_steps(cfg, run.step, cfg.max_iters, step_s, elapsed, eval_s, final_s), run)
     evals = evaluations(run.step, n, cfg.eval_interval)
     end = elapsed + (n - run.step) * step_s + (evals - 1) * eval_s + final_s
     if first or n != run.max_iters:
@@ -1152,6 +1145,15 @@ def plan(run, cfg, step_s):
     run.deadline = None if n == run.step else run.t_start + 0.985 * cfg.max_time - final_s
     if first and not said:
         warn_long_warmup(run, cfg)
+
+
+def the_first_processes(value, run):
+    """ under torchrun, every process takes the first one's decision (value, a number); alone, value """
+    if run.world == 1:
+        return value
+    shared = torch.tensor([float(value)], dtype=torch.float64, device=run.device)
+    torch.distributed.broadcast(shared, 0)
+    return type(value)(shared.item())
 
 
 def move_schedule(run, cfg, end):
