@@ -26,10 +26,13 @@ from types import SimpleNamespace
 
 started = time.time()  # when this script began: max_time counts from here, loading torch included
 
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.nn import functional as F
+try:  # Ctrl-C while torch loads (a few seconds) quits quietly, as it does at any other moment
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    from torch.nn import functional as F
+except KeyboardInterrupt:
+    raise SystemExit(130)
 
 # hyperparameters
 # Edit these lines to change the run, or set any of them on the command line (--max_iters=200): the
@@ -89,6 +92,7 @@ init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'best' (f
 plot = True  # after each evaluation, draw the losses into out_dir/loss.png (needs matplotlib)
 # system
 torch_compile = False  # compile the model with torch.compile: a slow start, then faster GPU steps
+precision = 'auto'  # 'auto' (bf16 where the GPU has it, or the CPU and a wide model), 'fp32', 'bf16', 'fp16'
 # ----------------------------------------------------------------------------------------------
 # data: every character of the text is a token, and the text becomes one long row of token ids
 
@@ -149,31 +153,25 @@ def get_batch(data, block_size, batch_size, device, generator=None):
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, device, ctx):
+def estimate_loss(model, run, cfg, batches=None):
     """
     The mean loss over eval_iters batches of each split. The batches come from a generator of
     their own, the same ones at every evaluation: estimates are comparable from one evaluation to
     the next, and the training's random stream is untouched (so a resumed run matches exactly).
+    The final loss hands in batches of its own: every window of the val split.
     """
     out = {}
-    rank, world = rank_and_world()
-    was_training = model.training
     model.eval()
-    for split, data in splits.items():
-        generator = torch.Generator().manual_seed(cfg.seed)
-        losses = torch.zeros(cfg.eval_iters, device=device)
-        for k in range(cfg.eval_iters):
-            X, Y = get_batch(data, cfg.block_size, cfg.batch_size, device, generator)
-            if k % world == rank:  # under torchrun each process evaluates its share of the batches
-                with ctx:  # ctx: the precision of the forward pass (fp32 on a CPU; autocast on a GPU)
+    for split, split_batches in (batches or eval_batches(run, cfg)).items():
+        losses = []
+        for k, (X, Y) in enumerate(split_batches):
+            if k % run.world == run.rank:  # under torchrun each process evaluates its share of the batches
+                with run.ctx:  # ctx: the precision of the forward pass (fp32, or autocast: below the divider)
                     logits, loss = model(X, Y)
-                losses[k] = loss.item()
-        if world > 1:
-            torch.distributed.all_reduce(losses)
-        out[split] = losses.mean().item()
-    model.train(was_training)
+                losses.append((loss.item(), len(X)))
+        out[split] = mean_loss(losses, run)  # the mean over every process's batches, by their rows
+    model.train()
     return out
 
 
@@ -441,18 +439,17 @@ def configure_optimizer(model, cfg, device):
     return MuonWithAdamW(muon, adamw)
 
 
-def get_lr(step, cfg, end, moved=None):
-    """ the learning rate of a step: a linear warmup to learning_rate, then a cosine decay to
-    min_lr_frac of it at step end, the run's last, and flat after that (a run trained on). moved=(m,
-    lr): the time budget moved the end at step m, where the rate was lr; from there the cosine goes
-    from lr to the new end, so the rate never jumps """
+def get_lr(step, cfg, progress, warm_progress=0.0):
+    """ the learning rate of a step: a linear warmup over warmup_iters steps to learning_rate, then a
+    cosine decay to min_lr_frac of it over the rest of the run's progress. progress goes from 0 to 1:
+    step / max_iters, or the share of max_time spent if larger (below the divider: after_step); it
+    never goes back, so the rate never rises. warm_progress: its value where the warmup ended """
     min_lr = cfg.min_lr_frac * cfg.learning_rate
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    start, top = moved or (cfg.warmup_iters, cfg.learning_rate)
-    progress = (step - start) / max(1, end - start)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # from 1 down to 0
-    return min_lr + coeff * (top - min_lr)
+    decay = (progress - warm_progress) / max(1e-9, 1.0 - warm_progress)  # from 0 to 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, decay)))  # from 1 down to 0
+    return min_lr + coeff * (cfg.learning_rate - min_lr)
 
 
 def set_lr(optimizer, lr):
@@ -466,26 +463,24 @@ def set_lr(optimizer, lr):
 
 def train(run, cfg):
     """ the lecture's training loop. run is the loop's state (LoopState, below the divider): the step,
-    where the run ends, the model, the optimizer and the data; the loop updates it, the checkpoint saves it """
+    the model, the optimizer and the data; the loop updates it, the checkpoint saves it """
     model, optimizer, accum = run.model, run.optimizer, cfg.gradient_accumulation_steps
     scaler = run.scaler  # fp16's loss scaling (GradScaler); in bf16 and fp32 its calls pass through
     while True:
         step = run.step
-        if run.budget:  # max_time: time the first steps, then plan how many fit (and plan again)
-            time_budget(run, cfg)
-        # the loop runs max_iters + 1 times: it evaluates and saves after the last step
+        # the loop runs once more after the last step, to evaluate and save. The last step is max_iters,
+        # or the one at which max_time is spent: after_step then ends the run there (run.max_iters)
         last_step = step == run.max_iters
 
-        # every once in a while evaluate the loss on train and val sets
+        # every once in a while evaluate the loss on train and val sets; not after a stop (Ctrl-C,
+        # SIGTERM: it saves at once), nor at a resumed run's first step (evaluated before it was saved)
         if (step % cfg.eval_interval == 0 and not run.stop or last_step) and step != run.resumed_at:
-            t0 = time.time()
-            losses = estimate_loss(model, run.splits, cfg, run.device, run.ctx)
-            run.eval_s = time.time() - t0
+            losses = estimate_loss(model, run, cfg)
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                   flush=True)
             # the preview, checkpoints, a row of log.csv, at the end the loss over the whole split
-            after_evaluation(run, cfg, losses, last_step, t0)
-        if step >= run.max_iters or run.stop:
+            after_evaluation(run, cfg, losses, last_step)
+        if step == run.max_iters or run.stop:
             break
 
         # sample a batch of data (every process draws the same one and trains on its share)
@@ -493,7 +488,7 @@ def train(run, cfg):
 
         # evaluate the loss
         # the rate of this step (the lecture's is flat: --warmup_iters=0 --min_lr_frac=1.0 runs that)
-        set_lr(optimizer, get_lr(step, cfg, run.lr_decay_iters, run.lr_moved))
+        set_lr(optimizer, get_lr(step, cfg, run.progress, run.warm_progress))
         optimizer.zero_grad(set_to_none=True)  # before the micro-batches: their gradients add up
         for x, y in micro_batches(run, xb, yb, accum):
             with run.ctx:
@@ -505,7 +500,7 @@ def train(run, cfg):
         scaler.step(optimizer)  # optimizer.step(); in fp16 skipped when a gradient overflowed
         scaler.update()  # fp16: the scale halves after an overflow, doubles after 2000 clean steps
         run.step += 1
-        # the loss shared by all processes, a stop, the time budget's deadline, a NaN, progress
+        # the loss shared by all processes, a stop, a NaN, the run's progress and its end, a progress line
         after_step(run, cfg, loss)
     # the loop has ended; a run stopped between two evaluations saves the step it stands at
     run.elapsed = time.time() - run.t_start
@@ -523,10 +518,9 @@ def sample(model, tokenizer, cfg, device, ctx):
     for _ in range(cfg.num_samples):
         idx = torch.tensor([context], dtype=torch.long, device=device)  # (1,T)
         print(cfg.prompt, end='', flush=True)
-        for _ in range(cfg.max_new_tokens):
-            with ctx:
-                idx = model.generate(idx, 1, cfg.temperature, cfg.top_k)  # (1,T+1)
-            print(tokenizer.decode(idx[0, -1:].tolist()), end='', flush=True)
+        # generate(idx, max_new_tokens=500), a character a call, each printed as it comes
+        for token in generate_one_by_one(model, idx, cfg.max_new_tokens, cfg, ctx):
+            print(tokenizer.decode([token]), end='', flush=True)
         print('\n' + '-' * 40 if cfg.num_samples > 1 else '', flush=True)
 
 
@@ -539,26 +533,25 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
     t_begin = t_begin or time.time()  # a new run's clock, and its time budget, start here
     print_in_the_first_process_only()  # under torchrun the others train in silence
     model_class = model_class or GPTLanguageModel
-    # the settings: the constants above, the caller's defaults, a resumed run's, the command line
+    # the settings: the constants above, the caller's defaults, a resumed run's own, the command line
     cfg, checkpoint = settings(argv, defaults, model_class)
     device = start_processes(cfg)  # device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.manual_seed(cfg.seed)  # torch.manual_seed(1337)
-    check_out_dir(cfg.out_dir)
     # run: the loop's state, every variable the training loop updates (LoopState, below the divider)
-    run = loop_state(cfg, checkpoint, t_begin, defaults)
+    run = loop_state(cfg, checkpoint, device, t_begin, defaults)
     # the text, its characters, encode and decode, and the train and val splits
-    tokenizer, splits = load_data(cfg, checkpoint, run.training)
+    tokenizer, splits = load_data(cfg, checkpoint, run)
     # model = GPTLanguageModel(); m = model.to(device)
     model = build_model(model_class, len(tokenizer.chars), cfg, checkpoint, device)
-    ctx, scaler = autocast(device)  # the precision every forward runs in, and fp16's loss scaler
+    run.ctx, run.scaler = autocast(device, cfg, model)  # the precision of every forward, fp16's scaler
     # print the number of parameters in the model
-    describe(model, tokenizer, device)
+    describe(model, tokenizer, device, cfg)
     if run.training:
         # one run at a time in out_dir; Ctrl-C or SIGTERM stops it after a step, saved
-        with one_run_at_a_time(cfg.out_dir, on=run.rank == 0), stop_on_signals(run.signals):
+        with one_run_at_a_time(cfg.out_dir, run), stop_on_signals(run, cfg):
             # optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate); on a CPU, Muon for
             # the blocks' matrices (configure_optimizer); then the log, torch.compile, torchrun
-            start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx, scaler)
+            start_training(run, model, tokenizer, splits, cfg, checkpoint)
             train(run, cfg)
         if signal.SIGTERM in run.stop:  # asked to end: saved, so no sample
             raise SystemExit(128 + signal.SIGTERM)
@@ -567,7 +560,7 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
         if cfg.attention:  # each head's attention over the prompt, into out_dir/attention.png
             draw_prompt_attention(model, tokenizer, cfg, device)
         # print(decode(m.generate(context, max_new_tokens=500)[0].tolist()))
-        sample(model, tokenizer, cfg, device, ctx)
+        sample(model, tokenizer, cfg, device, run.ctx)
     return model
 
 
@@ -577,18 +570,15 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
 
 # ==============================================================================================
 # Below the divider: what a first read can skip. main() and train() call it by name; by concern:
-#   setup that main calls       settings, start_processes, load_data, build_model, autocast, ...
+#   setup that main calls       settings, start_processes, load_data, build_model, autocast, describe
 #   the loop's state            LoopState, loop_state
-#   loop helpers                micro_batches, after_step, after_evaluation, the final loss
-#   the time budget             time_budget, warm_timings, plan, plan_steps
+#   the loop's helpers          after_step (progress: the time budget), after_evaluation, the final loss
 #   Muon                        muon_matrices, newton_schulz, Muon, MuonWithAdamW
 #   data at scale               prepare_data: the text encoded once into a file, memory-mapped
-#   checkpoints and the log     save_checkpoint, load_checkpoint, keep_previous_run, start_log
-#   the one-run lock            one_run_at_a_time, check_out_dir
+#   checkpoints and the log     save_checkpoint, load_checkpoint, start_log; the one-run lock
 #   pictures                    out_dir/loss.png, and each head's attention in attention.png
-#   the command line            get_config, check_config, resume_config, pick_device
-#   processes                   torchrun: rank_and_world, errors as torchrun reports them
-#   errors, signals, console    die, stop_on_signals, Console, and the script's entry point
+#   the settings                RULES, get_config, check_config, resume_config
+#   processes and errors        torchrun, die, signals, the script's entry point
 import ast
 import csv
 import difflib
@@ -597,6 +587,7 @@ import gc
 import hashlib
 import inspect
 import json
+import logging
 import re
 import shutil
 import socket
@@ -609,7 +600,7 @@ from dataclasses import asdict
 
 try:
     import fcntl  # a lock per out_dir: one training run at a time
-except ImportError:  # Windows
+except ImportError:  # Windows: no lock
     fcntl = None
 
 
@@ -622,15 +613,12 @@ def settings(argv, defaults, model_class):
     for name in overrides:
         if name in getattr(model_class, 'ignored_settings', ()):
             die(f"{model_class.__name__} has no {name}: drop --{name}")
-    checkpoint = None
-    if cfg.init_from in ('resume', 'best'):
-        path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
-        checkpoint = load_checkpoint(path, model_class)
-        # a constant edited since the checkpoint was saved counts as the same --name=value would
-        edited = edited_since(checkpoint, cfg, defaults, overrides)
-        cfg = resume_config(cfg, {**edited, **overrides}, checkpoint, path, edited)
-    check_config(cfg)
-    return cfg, checkpoint
+    if cfg.init_from not in ('resume', 'best'):
+        check_config(cfg, overrides)
+        return cfg, None
+    path = os.path.join(cfg.out_dir, 'ckpt.pt' if cfg.init_from == 'resume' else 'best.pt')
+    checkpoint = load_checkpoint(path, model_class)
+    return resume_config(cfg, overrides, checkpoint, path, defaults), checkpoint
 
 
 def start_processes(cfg):
@@ -649,175 +637,159 @@ def start_processes(cfg):
     return device
 
 
-def load_data(cfg, checkpoint, training):
-    """ the tokenizer and the splits: the text is read when there is training to do, or no checkpoint to take
-    the vocabulary from """
-    if checkpoint and 0 < cfg.max_iters < checkpoint['step']:
-        print(f"the checkpoint is at step {checkpoint['step']}, past --max_iters={cfg.max_iters}: "
-              f"sampling only")
-    elif checkpoint and not training and cfg.max_iters == checkpoint['step'] > 0:
-        print(f"the checkpoint has finished its {cfg.max_iters} steps: sampling only "
-              f"(--max_iters=N trains it on to step N)")
-    if training or not checkpoint:
-        rank, world = rank_and_world()
-        if rank > 0:
+def load_data(cfg, checkpoint, run):
+    """ the tokenizer and the splits. The text is read to train, or where no checkpoint holds the vocabulary:
+    sampling a checkpoint reads nothing else, and writes nothing """
+    if checkpoint and not run.training and cfg.max_iters:
+        step = checkpoint['step']
+        print(f"the checkpoint is at step {step}, past --max_iters={cfg.max_iters}: sampling only" if cfg.max_iters < step
+              else f"the checkpoint has finished its {step} steps: sampling only (--max_iters=N, or a larger "
+                   f"--max_time, trains it on)")
+    if checkpoint and not run.training:
+        chars, splits = list(checkpoint['chars']), {}
+    else:
+        check_out_dir(cfg.out_dir)  # the data's cache and the checkpoints go there
+        if run.rank > 0:
             torch.distributed.barrier()  # the first process encodes the text, then the others read it
         chars, splits = load_splits(cfg, checkpoint)
-        if rank == 0 and world > 1:
+        if run.rank == 0 and run.world > 1:
             torch.distributed.barrier()
-    else:
-        chars, splits = list(checkpoint['chars']), {}
     unknown = ''.join(sorted(set(cfg.prompt) - set(chars)))
     if unknown:
-        die(f"the prompt has characters the model never saw: {shown(unknown)}: change --prompt")
+        die(f"the prompt has characters the model never saw: {shown(unknown)}: {change('prompt', cfg.prompt != prompt)}")
     return CharTokenizer(chars), splits
 
 
+SHAPE = ('block_size', 'n_embd', 'n_head', 'n_layer', 'activation', 'position_embedding', 'qkv_bias')
+
+
 def build_model(model_class, vocab_size, cfg, checkpoint, device):
-    """ the model, its shape from the checkpoint when there is one, with the checkpoint's weights """
-    names = ('block_size', 'n_embd', 'n_head', 'n_layer', 'activation', 'position_embedding', 'qkv_bias')
-    if checkpoint:
-        shape = dict(checkpoint['model_args'])
-    else:
-        shape = dict(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in names})
-    shape.setdefault('position_embedding', 'learned')  # checkpoints from before there was a choice
-    shape = {k: v for k, v in shape.items() if k in GPTConfig.__dataclass_fields__}  # older versions' too
-    config = GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})
-    model = model_class(config).to(device)
+    """ the model: its shape from the checkpoint when there is one, with the checkpoint's weights """
+    shape = checkpoint['model_args'] if checkpoint else dict(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in SHAPE})
+    model = model_class(GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})).to(device)
     if cfg.attention and not attention_heads(model):  # found out before any training
         die(f"{type(model).__name__} has no heads of self-attention to draw: drop --attention=True")
     if cfg.optimizer == 'muon' and not checkpoint and not muon_matrices(model):
-        die(f"{type(model).__name__} has no blocks of weight matrices for Muon to train: "
-            f"use --optimizer=adamw")
+        die(f"{type(model).__name__} has no blocks of weight matrices for Muon to train: use --optimizer=adamw")
     if checkpoint:
         try:
             model.load_state_dict(checkpoint['model'])
         except RuntimeError as e:
-            die(f"the checkpoint does not fit this model ({first_line(e, 120)}): "
-                f"use another --out_dir")
+            die(f"the checkpoint does not fit this model ({first_line(e, 120)}): use another --out_dir")
     return model
 
 
-def precision(device):
-    """ what every forward pass computes in on device: 'bf16', 'fp16' or 'fp32' """
-    if device.type != 'cuda':
-        return 'fp32'  # CPU and MPS: bf16 autocast measured slower than fp32 on CPU at these sizes
-    # bf16 where the GPU has it in hardware: compute capability 8.0 (A100, RTX 30xx) and later. Not
-    # torch.cuda.is_bf16_supported(): from PyTorch 2.3 on it counts emulation, True on a T4 (7.5),
-    # whose bf16 matmuls are emulated, slow, and refused by torch.compile's Triton. (Nor its
-    # including_emulation=False: that asks about the current device, this about device itself.)
-    if torch.cuda.get_device_capability(device) >= (8, 0):
-        return 'bf16'
-    # Older GPUs (T4, V100: 7.x) run fp16 on tensor cores at about 8x their fp32 speed. fp16's range
-    # (up to 65504) holds this model's activations: every matmul takes a LayerNorm's output, the
-    # embeddings and the residual stream stay fp32, and autocast runs softmax, LayerNorm and the
-    # cross-entropy in fp32. Its short exponent would flush small gradients to zero: the GradScaler
-    # scales the loss up before backward and the gradients back down before the step.
-    return 'fp16'
-
-
-# each precision as the device line names it
+BF16_MIN_WIDTH = 256  # n_embd from which bf16 beats fp32 on a CPU that has it (tests/benchmark.py --precision)
+CPUINFO = '/proc/cpuinfo'  # where Linux lists what the CPU has: avx512_bf16 and amx_bf16 are bf16 in hardware
 PRECISIONS = dict(bf16='bf16 autocast', fp16='fp16 autocast + GradScaler', fp32='fp32')
 
 
-def autocast(device):
-    """ ctx, the context every forward pass runs in, and the scaler of fp16's loss, both from
-    precision(device); the scaler is GradScaler(enabled=False) otherwise, which passes everything
-    through: scale(loss) is loss, step(optimizer) is optimizer.step() """
+def pick_precision(device, cfg, model):
+    """ what every forward pass computes in on device: 'bf16', 'fp16' or 'fp32', and why """
+    if cfg.precision != 'auto':
+        if cfg.precision != 'fp32' and device.type == 'mps':
+            die(f"precision '{cfg.precision}' is not run on Apple MPS here: use --precision=fp32 (or auto)")
+        if cfg.precision == 'bf16' and device.type == 'cuda' and torch.cuda.get_device_capability(device) < (8, 0):
+            die(f"{torch.cuda.get_device_name(device)} has no bf16 in hardware: use --precision=fp16 (or auto)")
+        return cfg.precision, f"precision={cfg.precision!r}"
+    if device.type == 'cuda':
+        # bf16 where the GPU has it in hardware: compute capability 8.0 (A100, RTX 30xx) and later (not
+        # torch.cuda.is_bf16_supported(), True on a T4 from PyTorch 2.3 on: emulated). Older GPUs (T4, V100)
+        # run fp16 on tensor cores at ~8x their fp32 speed: autocast keeps softmax, LayerNorm and the loss in
+        # fp32, and the GradScaler keeps the small gradients from flushing to zero
+        new = torch.cuda.get_device_capability(device) >= (8, 0)
+        return ('bf16', 'the GPU has bf16') if new else ('fp16', 'the GPU has no bf16')
+    if device.type != 'cpu':
+        return 'fp32', 'Apple MPS'
+    try:
+        with open(CPUINFO) as f:
+            flags = set(next((line for line in f if line.startswith('flags')), '').split())
+    except OSError:  # not Linux
+        flags = set()
+    if not {'avx512_bf16', 'amx_bf16'} & flags:
+        return 'fp32', 'the CPU has no bf16'
+    if model.config.n_embd < BF16_MIN_WIDTH:  # bf16 pays once the matmuls dominate a step
+        return 'fp32', f'n_embd < {BF16_MIN_WIDTH}: bf16 is slower'
+    return 'bf16', 'the CPU has bf16'
+
+
+def autocast(device, cfg, model):
+    """ ctx, the context every forward pass runs in, and fp16's loss scaler (a GradScaler that passes everything
+    through otherwise: scale(loss) is loss, step(optimizer) is optimizer.step()) """
     if device.type == 'cuda':  # TF32 for the matmuls autocast leaves in fp32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    kind = precision(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    kind, _ = pick_precision(device, cfg, model)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(kind)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     return ctx, torch.amp.GradScaler(device.type, enabled=kind == 'fp16')
 
 
-def describe(model, tokenizer, device):
-    """ the device line (device, precision, the CPU's threads), the parameters, the shape """
+def describe(model, tokenizer, device, cfg):
+    """ the device line (device, precision and why, the CPU's threads), the parameters, the shape """
+    kind, why = pick_precision(device, cfg, model)
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == 'cuda' else str(device)
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == 'cpu' else ''
-    print(f"device: {device_name(device)}, {PRECISIONS[precision(device)]}{threads}")
+    print(f"device: {name}, {PRECISIONS[kind]} ({why}){threads}")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
-    print(f"vocabulary: {len(tokenizer.chars)} characters; model: {model_shape(model, sep=', ')}")
+    print(f"vocabulary: {plural(len(tokenizer.chars), 'character')}; model: {model_shape(model, sep=', ')}")
 
 
-def start_training(run, model, tokenizer, splits, cfg, checkpoint, device, ctx, scaler):
+def start_training(run, model, tokenizer, splits, cfg, checkpoint):
     """ the optimizer, a resumed run's random state, torch.compile and DDP, the log: what the loop needs """
-    # a signal reaches each process at its own moment, maybe one before a step's all_reduce and another after:
-    # so under torchrun the loop acts on the signals all processes agree on at that all_reduce (after_step),
-    # and every process stops after the same step (one that stopped alone would leave the others waiting)
-    if run.world == 1:
-        run.stop = run.signals
-    run.raw_model, run.tokenizer, run.splits, run.device, run.ctx = model, tokenizer, splits, device, ctx
-    run.scaler = scaler
-    run.text = text_stamp(cfg.input_file)
-    if checkpoint and checkpoint.get('processes', 1) != run.world:
-        print(processes_changed(checkpoint.get('processes', 1), run.world, cfg))
+    # under torchrun a signal reaches each process at its own moment: the loop acts on the signals that all
+    # processes have shared at a step's end (after_step), so that all stop after the same step
+    run.stop = run.signals if run.world == 1 else []
+    run.raw_model, run.tokenizer, run.splits = model, tokenizer, splits
+    run.plot = cfg.plot and run.rank == 0
+    if checkpoint and checkpoint['processes'] != run.world:
+        tokens, accum = cfg.batch_size * cfg.block_size, cfg.gradient_accumulation_steps * checkpoint['processes']
+        print(f"the checkpoint was trained by {checkpoint['processes']} processes, this run has {run.world}: "
+              f"{tokens * accum:,} -> {tokens * cfg.gradient_accumulation_steps * run.world:,} tokens per step"
+              + (f": set --gradient_accumulation_steps={accum // run.world} to keep them" if accum % run.world == 0 else ''))
     if cfg.torch_compile:
-        check_compile(device)
-    run.optimizer = configure_optimizer(model, cfg, device)  # only here: slow to build, sampling needs none
-    if checkpoint:  # a resumed run continues its optimizer and its random stream
+        check_compile(run.device)
+    run.optimizer = configure_optimizer(model, cfg, run.device)  # only here: sampling needs none
+    if checkpoint:  # a resumed run continues its optimizer, fp16's loss scale and its random stream
         run.optimizer.load_state_dict(checkpoint['optimizer'])
-        if checkpoint.get('scaler'):  # fp16's scale: none in older checkpoints, {} in bf16 and fp32
-            run.scaler.load_state_dict(checkpoint['scaler'])  # a no-op for a disabled scaler
+        if checkpoint['scaler']:  # {} in bf16 and fp32
+            run.scaler.load_state_dict(checkpoint['scaler'])
         torch.set_rng_state(checkpoint['rng_cpu'])
         if cuda and checkpoint['rng_cuda']:
             torch.cuda.set_rng_state_all(checkpoint['rng_cuda'])
     run.model = torch.compile(model) if cfg.torch_compile else model
     if run.world > 1:
         run.model = torch.nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[device.index] if device.type == 'cuda' else None, **no_buffer_sync())
-    run.ckpt_path, run.best_path, run.log_path = (
-        os.path.join(cfg.out_dir, name) for name in ('ckpt.pt', 'best.pt', 'log.csv'))
+            run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None, **no_buffer_sync())
     if run.rank == 0:
         start_log(run, cfg, checkpoint)
-    run.loss_curve = LossCurve(cfg, model, device, on=cfg.plot and run.rank == 0)
     run.batch_rows = cfg.batch_size * cfg.gradient_accumulation_steps * run.world
-    run.tokens_per_step = run.batch_rows * cfg.block_size
-    print(training_line(run, cfg), flush=True)
-    print(optimizer_line(run, cfg), flush=True)
-    warn_long_warmup(run, cfg)  # and again if the time budget plans a run that short
-    run.t_start = time.time() - run.elapsed if checkpoint else run.t_begin  # a resumed run's clock goes on
-    run.t_log, run.step_log = time.time() - run.eval_spent, run.step
+    print_start(run, cfg)
+    now = time.time()  # a resumed run's clock goes on from the seconds it trained
+    run.t_start, run.t_step, run.t_log, run.step_log = now - run.elapsed, now, now, run.step
 
 
-def training_line(run, cfg):
-    """ what the run trains: to which step, and for how long at most (max_iters or max_time, whichever ends it
-    first), and on how many tokens a step """
-    steps = f"{plural(run.max_iters - run.step, 'step')} to step {run.max_iters}"
-    if run.budget:
-        steps += f" (max_iters) or as many as fit in {cfg.max_time} s (max_time), whichever is fewer"
-    elif not cfg.max_time and not run.planned:
-        steps += " (max_iters; max_time 0: no time limit)"
+def print_start(run, cfg):
+    """ what the run trains: to which step or for how long (whichever ends it first), on how many tokens a step,
+    with which optimizer and schedule; a warmup too long to reach learning_rate """
+    length = f"{plural(run.max_iters - run.step, 'step')} to step {run.max_iters} (max_iters"
+    spent = f", {run.elapsed:.0f} s of it spent" if run.elapsed else ''
+    length += (f") or as many as fit in {cfg.max_time:g} s (max_time{spent}), whichever is fewer" if cfg.max_time
+               else "; max_time 0: no time limit)")
     processes = f" ({run.world} processes)" if run.world > 1 else ""
-    return f"training: {steps}, {run.tokens_per_step:,} tokens per step{processes}"
-
-
-def optimizer_line(run, cfg):
-    """ the optimizer that runs and the learning rate's schedule, in a line """
-    adamw = f"AdamW (lr {cfg.learning_rate:g}, betas {cfg.beta1:g}, {cfg.beta2:g})"
+    print(f"training: {length}, {run.batch_rows * cfg.block_size:,} tokens per step{processes}")
+    what = f"AdamW (lr {cfg.learning_rate:g}, betas {cfg.beta1:g}, {cfg.beta2:g})"
     if isinstance(run.optimizer, MuonWithAdamW):
-        n = len(run.optimizer.muon.param_groups[0]['params'])
-        what = (f"Muon (lr {cfg.learning_rate * cfg.muon_lr_scale:g}, momentum {cfg.muon_momentum:g}) for the "
-                f"blocks' {n} matrices, {adamw} for the rest")
-    else:
-        what = adamw
+        what = (f"Muon (lr {cfg.learning_rate * cfg.muon_lr_scale:g}, momentum {cfg.muon_momentum:g}) for the blocks' "
+                f"{len(run.optimizer.muon.param_groups[0]['params'])} matrices, {what} for the rest")
     if cfg.embedding_lr_scale != 1:
         what += f", the embedding tables at lr {cfg.learning_rate * cfg.embedding_lr_scale:g}"
-    if cfg.min_lr_frac == 1:
-        schedule = 'flat' if not cfg.warmup_iters else f"{cfg.warmup_iters} warmup steps, then flat"
-    else:
-        schedule = f"{cfg.warmup_iters} warmup steps, then a cosine decay to {cfg.min_lr_frac:g}x at the end"
-    return f"optimizer: {what}, weight decay {cfg.weight_decay:g}; learning rate: {schedule}"
-
-
-def warn_long_warmup(run, cfg):
-    """ a warmup as long as the run never reaches learning_rate: said, with the fix """
+    warmup = f"{cfg.warmup_iters} warmup steps, then " if cfg.warmup_iters else ''
+    decay = 'flat' if cfg.min_lr_frac == 1 else f"a cosine decay to {cfg.min_lr_frac:g}x at the end"
+    print(f"optimizer: {what}, weight decay {cfg.weight_decay:g}; learning rate: {warmup}{decay}", flush=True)
     if cfg.warmup_iters >= run.max_iters > run.step and cfg.learning_rate > 0:
-        top = get_lr(run.max_iters - 1, cfg, run.lr_decay_iters)
-        print(f"note: warmup_iters={cfg.warmup_iters} is not shorter than the run ({plural(run.max_iters, 'step')}): the "
-              f"rate rises to {top:.3g} at most, not learning_rate={cfg.learning_rate:g}; set warmup_iters "
-              f"below {run.max_iters} to reach it", flush=True)
+        print(f"note: warmup_iters={cfg.warmup_iters} is not shorter than the run ({plural(run.max_iters, 'step')}): "
+              f"the rate rises to {cfg.learning_rate * run.max_iters / (cfg.warmup_iters + 1):.3g} at most, not "
+              f"learning_rate={cfg.learning_rate:g}; set warmup_iters below {run.max_iters} to reach it", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -825,89 +797,79 @@ def warn_long_warmup(run, cfg):
 
 @dataclass
 class LoopState:
-    """ Loop state: every variable the training loop updates, each declared here with what it
-    means (loop_state fills in a resumed run's from its checkpoint; start_training, the parts) """
-    # where the run stands (saved in the checkpoint)
+    """ Loop state: every variable the training loop updates, each declared here with what it means
+    (loop_state fills in a resumed run's from its checkpoint; start_training, the parts) """
+    # where the run stands; the checkpoint saves these (SAVED)
     step: int = 0  # optimizer steps taken
-    start_step: int = 0  # the step this call began at: 0, or the checkpoint's
-    resumed_at: int = None  # the checkpoint's step: evaluated and saved already
-    saved_step: int = None  # the step of ckpt.pt (a new run saves even at step 0)
+    max_iters: int = 0  # the last step: max_iters, or the step at which max_time was spent
+    progress: float = 0.0  # from 0 to 1: the larger of step / max_iters and the share of max_time spent
+    warm_progress: float = 0.0  # progress where the warmup ended: the cosine decays from there
     best_val_loss: float = float('inf')  # best.pt's val loss
-    elapsed: float = 0.0  # seconds trained, resumes included
-    training: bool = True  # any steps left to take?
-    constants: dict = None  # the source of each constant (and the script's defaults): an edit is seen on resume
-    # where it ends: max_iters, or sooner, the last step that fits in max_time
-    max_iters: int = 0  # the last step
-    lr_decay_iters: int = 0  # where the learning rate's cosine ends
-    lr_moved: tuple = None  # (step, lr): where the time budget last moved that end, and the rate there
-    # the time budget (max_time): it times the first steps, plans the last one, and plans again
-    budget: bool = False  # this call keeps a time budget: a new run's, or one resumed before its plan
-    planned: bool = False  # the time budget has planned max_iters; a resumed run keeps its plan
-    deadline: float = None  # past this time the machine has slowed since the plan: the run ends
-    marks: list = field(default_factory=list)  # the training clock at each step up to the first plan
-    t_timed: float = None  # the training clock at the last plan: the next one times the steps since
-    step_timed: int = None  # and the step then
-    eval_spent: float = 0.0  # seconds spent in evaluations: the training clock is the time without them
-    evals: int = 0  # evaluations this call has made (the first is slow: it warms everything up)
-    eval_s: float = 0.0  # seconds of the last estimate_loss
-    save_s: float = 0.0  # seconds of the rest of the last evaluation: checkpoints, log.csv, loss.png
-    batch_s: float = 0.0  # seconds of a warm forward pass over one batch (timed before step 1 and at the plan)
-    char_s: float = 0.0  # seconds to sample one character, warm (timed with batch_s)
-    # stopping
+    elapsed: float = 0.0  # seconds trained, evaluations and resumes included
+    setup_s: float = 0.0  # seconds from the script's start to the first step: loading torch, data, model
+    end_s: float = 0.0  # seconds the end needs: the last evaluation, the whole-split loss, the sample
+    # this call
+    training: bool = True  # any steps to take?
+    resumed_at: int = None  # the checkpoint's step: evaluated and saved already
+    saved_step: int = None  # the step of ckpt.pt
+    constants: dict = None  # the source of each constant: an edit made before a resume is seen
     signals: list = field(default_factory=list)  # what this process received: Ctrl-C, SIGTERM
     stop: list = field(default_factory=list)  # what the loop acts on: the signals, agreed by all
+    plot: bool = False  # draw out_dir/loss.png after each evaluation (until it fails once)
     # clocks
-    t_begin: float = None  # when the script began: a new run's time budget counts from here
-    t_start: float = None  # when the run began (a resumed run's: moved back by the time it trained)
-    t_log: float = None  # the training clock at the last progress line: ms/step since
-    step_log: int = None  # and its step
+    t_begin: float = None  # when the script began: max_time counts from here
+    t_start: float = None  # when the training began (a resumed run's: moved back by elapsed)
+    t_step: float = None  # when the last step ended: an evaluation is timed from there
+    t_log: float = None  # when the last progress line was printed, and its step: ms/step since
+    step_log: int = None
     # processes: one, or one per device under torchrun
     rank: int = 0  # this process's number (0 alone): the first one saves and prints
     world: int = 1  # the number of processes (1 alone)
-    # the parts the loop works with, set by start_training
+    # the parts the loop works with
+    device: object = None  # where it computes
+    ctx: object = None  # the precision every forward runs in (autocast or nullcontext)
+    scaler: object = None  # fp16's loss scaling (GradScaler); in bf16 and fp32 a no-op
     model: object = None  # what the loop calls: the model, compiled and wrapped for torchrun if asked
     raw_model: object = None  # the model itself: what is saved and sampled (nanoGPT's raw_model)
     optimizer: object = None  # configure_optimizer's
-    tokenizer: object = None  # main's: the characters, encode and decode
-    splits: dict = None  # main's: the train and val token ids
-    device: object = None  # main's: where it computes
-    ctx: object = None  # main's: the precision every forward runs in
-    scaler: object = None  # main's: fp16's loss scaling (GradScaler); in bf16 and fp32 a no-op
-    text: dict = None  # the text file's size and time of change: an edit is noticed on resume
+    tokenizer: object = None  # the characters, encode and decode
+    splits: dict = None  # the train and val token ids
     batch_rows: int = None  # rows of a step's batch: batch_size x accumulation x processes
-    tokens_per_step: int = None  # batch_rows x block_size
-    ckpt_path: str = None  # out_dir/ckpt.pt, the latest model
-    best_path: str = None  # out_dir/best.pt, the model of the best val loss
-    log_path: str = None  # out_dir/log.csv, a row per evaluation
-    loss_curve: object = None  # draws out_dir/loss.png after each evaluation
+    ckpt_path: str = None  # out_dir/ckpt.pt, the latest model (out_dir/best.pt: the best val loss)
 
 
-def loop_state(cfg, checkpoint, t_begin, defaults=None):
+SAVED = ('step', 'max_iters', 'progress', 'warm_progress', 'best_val_loss', 'elapsed', 'setup_s', 'end_s')
+
+
+def loop_state(cfg, checkpoint, device, t_begin, defaults=None):
     """ a new run's loop state, or a resumed run's, which goes on from its checkpoint """
-    saved = checkpoint['config'] if checkpoint else {}
-    step = checkpoint['step'] if checkpoint else 0
-    planned = saved.get('planned', True) if checkpoint else False  # a budget plans once, at the start
     rank, world = rank_and_world()
-    moved = saved.get('lr_moved')
-    return LoopState(
-        step=step, start_step=step, resumed_at=step if checkpoint else None,
-        saved_step=step if checkpoint else None,
-        best_val_loss=checkpoint['best_val_loss'] if checkpoint else float('inf'),
-        elapsed=checkpoint.get('elapsed', 0.0) if checkpoint else 0.0,
-        training=step < cfg.max_iters, constants=constant_sources(defaults),
-        max_iters=cfg.max_iters,
-        lr_decay_iters=saved.get('lr_decay_iters', saved.get('max_iters', cfg.max_iters)),
-        lr_moved=tuple(moved) if moved else None,
-        budget=cfg.max_time > 0 and not planned, planned=planned,
-        t_begin=t_begin, rank=rank, world=world)
+    run = LoopState(training=trains(cfg, checkpoint), constants=constant_sources(defaults), t_begin=t_begin,
+                    rank=rank, world=world, device=device, ckpt_path=os.path.join(cfg.out_dir, 'ckpt.pt'))
+    if checkpoint:
+        for name in SAVED:
+            setattr(run, name, checkpoint[name])
+        run.resumed_at = run.saved_step = run.step
+    run.max_iters = cfg.max_iters
+    return run
+
+
+def trains(cfg, checkpoint):
+    """ whether this call trains: a new run with steps to take, or a resumed one short of max_iters that has
+    not finished, or that is given more steps or seconds to train on with """
+    if not checkpoint:
+        return cfg.max_iters > 0
+    more = cfg.max_iters != checkpoint['config']['max_iters'] or cfg.max_time != checkpoint['config']['max_time']
+    return checkpoint['step'] < cfg.max_iters and (checkpoint['step'] < checkpoint['max_iters'] or more)
 
 
 # ----------------------------------------------------------------------------------------------
-# loop helpers: a step's micro-batches, what follows a step and an evaluation, the final loss
+# the loop's helpers: a step's micro-batches, what follows a step (the run's progress: the time budget)
+# and an evaluation (the preview, checkpoints, the log), the final loss, generation
 
 def micro_batches(run, xb, yb, accum):
-    """ this process's share of the batch in accum micro-batches: one process, many, or accumulation all give
-    the same step (without dropout); under torchrun the gradients are averaged after the last one only """
+    """ this process's share of the batch in accum micro-batches (one: the whole batch). One process, many,
+    or accumulation all give the same step; under torchrun the gradients are averaged after the last one """
     shares = zip(xb.chunk(run.world)[run.rank].chunk(accum), yb.chunk(run.world)[run.rank].chunk(accum))
     for micro_step, (x, y) in enumerate(shares):
         if run.world > 1:
@@ -916,43 +878,165 @@ def micro_batches(run, xb, yb, accum):
 
 
 def after_step(run, cfg, loss):
-    """ after a step: the loss and a stop shared by all processes, the deadline, a NaN check, progress """
-    lossf, late = loss.item(), float(run.deadline is not None and time.time() > run.deadline)
-    if run.world > 1:  # the mean loss of all processes; a signal to one, or a deadline, stops them all
-        signals = [signal.SIGTERM in run.signals, signal.SIGINT in run.signals]
-        shared = torch.tensor([lossf / run.world, *signals, late], device=run.device)
-        torch.distributed.all_reduce(shared)  # a sum: each signal as the number of processes that had it
-        lossf, late = shared[0].item(), shared[3].item()
-        run.stop[:] = [sig for sig, n in zip((signal.SIGTERM, signal.SIGINT), shared[1:3].tolist()) if n]
-    if late and run.step < run.max_iters:  # the plan is kept unless the machine slows down after it
-        print(f"time budget: this machine has slowed down since the plan, so the run ends now, "
-              f"at step {run.step}")
-        run.max_iters = run.step
-    # fp16: a step whose gradients overflowed is skipped by the scaler and the scale halved; its
-    # loss, from the forward pass before any scaling, is finite. Below 1 they overflow even unscaled
+    """
+    After a step: the loss and the stops shared by all processes, a NaN, the run's progress and its end.
+    The time budget is this one rule: progress is the larger of step / max_iters and the share of max_time
+    spent (time_spent), it never goes back, and the step at which it reaches 1 is the last.
+    """
+    now = time.time()
+    lossf, spent = loss.item(), time_spent(run, cfg, now, next_s=now - run.t_step)
+    if run.world > 1:  # the mean loss, a signal to any process, and the first process's clock
+        sigterm, sigint = signal.SIGTERM in run.signals, signal.SIGINT in run.signals
+        lossf, sigterm, sigint, spent = summed(run, lossf / run.world, sigterm, sigint, spent if run.rank == 0 else 0)
+        run.stop[:] = [sig for sig, n in ((signal.SIGTERM, sigterm), (signal.SIGINT, sigint)) if n]
+    # fp16: a step whose gradients overflowed is skipped and the scale halved; below 1 they overflow unscaled
     scale = run.scaler.get_scale()  # 1.0 without fp16
     if not math.isfinite(lossf) or scale < 1:
         what = (f"the loss became {lossf}" if not math.isfinite(lossf)
                 else f"the gradients overflow fp16 at any loss scale (down to {scale:g})")
         kept = f"{run.ckpt_path} is from before it" if os.path.exists(run.ckpt_path) else "nothing was saved"
-        clip = "" if cfg.grad_clip else " or set --grad_clip=1.0"
-        die(f"{what} at step {run.step}; {kept}: "
-            f"lower --learning_rate (now {cfg.learning_rate}){clip}")
+        die(f"{what} at step {run.step}; {kept}: lower --learning_rate (now {cfg.learning_rate})"
+            + ("" if cfg.grad_clip else " or set --grad_clip=1.0"))
+    fraction = max(run.step / run.max_iters, spent)
+    run.progress = max(run.progress, min(1.0, fraction))
+    if run.step <= cfg.warmup_iters:
+        run.warm_progress = run.progress
+    if fraction >= 1:
+        run.max_iters = run.step  # the last step: max_iters, or max_time is spent
     if run.step % cfg.log_interval == 0:
-        print_progress(run, cfg, lossf)
+        print_progress(run, cfg, lossf, now, spent)
+    run.t_step = time.time()
 
 
-def print_progress(run, cfg, lossf):
-    """ the step, the loss, the speed and the time left, every log_interval steps """
-    now = time.time()
-    clock = now - run.eval_spent  # the training clock: ms/step counts training steps only
-    dt = (clock - run.t_log) / (run.step - run.step_log)
-    evals_left = run.max_iters // cfg.eval_interval - run.step // cfg.eval_interval
-    left = dt * (run.max_iters - run.step) + (evals_left + 1) * (run.eval_s + run.char_s * cfg.preview_chars)
-    print(f"  step {run.step}/{run.max_iters} | loss {lossf:.4f} | {dt * 1000:.0f} ms/step | "
-          f"{run.tokens_per_step / dt:,.0f} tok/s | elapsed {format_time(now - run.t_start)} | "
-          f"left {format_time(left)}", flush=True)
-    run.t_log, run.step_log = time.time() - run.eval_spent, run.step
+def print_progress(run, cfg, lossf, now, spent):
+    """ the step (of max_iters, or of about as many as max_time holds), the loss, the speed, the time left """
+    dt = (now - run.t_log) / (run.step - run.step_log)  # the last steps', evaluations left out
+    by_time = spent > run.step / run.max_iters
+    left = (1 - spent) * (cfg.max_time - run.setup_s - run.end_s) if by_time else (run.max_iters - run.step) * dt
+    print(f"  step {run.step}/{f'~{run.step / spent:.0f}' if by_time else run.max_iters} | loss {lossf:.4f} | "
+          f"{dt * 1000:.0f} ms/step | {run.batch_rows * cfg.block_size / dt:,.0f} tok/s | "
+          f"elapsed {format_time(now - run.t_start)} | left {format_time(max(0, left) + run.end_s)}", flush=True)
+    run.t_log, run.step_log = time.time(), run.step
+
+
+def time_spent(run, cfg, now, next_s=0.0):
+    """ the share of max_time spent: the seconds trained, and next_s (a step as long as the last), over the
+    seconds available to train: max_time less the start (run.setup_s) and what the end needs, as measured """
+    if not cfg.max_time:
+        return 0.0
+    available = cfg.max_time - run.setup_s - run.end_s
+    return (now - run.t_start + next_s) / available if available > 0 else math.inf
+
+
+def after_evaluation(run, cfg, losses, last_step):
+    """ after an evaluation: the preview, checkpoints, at the last step the whole-split loss, a log.csv row; each
+    timed, for what the end of a time budget needs (run.end_s). A budget too short for one step ends here """
+    estimate_s, t0 = time.time() - run.t_step, time.time()
+    if cfg.preview_chars:
+        print('  ' + preview(run, cfg), flush=True)
+    char_s = (time.time() - t0) / max(1, cfg.preview_chars)
+    run.elapsed = time.time() - run.t_start
+    if run.rank == 0:  # saved first: the final loss below may take a while, and a stop skips it
+        if losses['val'] < run.best_val_loss and run.step > 0:
+            run.best_val_loss = losses['val']
+            save_checkpoint(os.path.join(cfg.out_dir, 'best.pt'), run, cfg)
+        if run.step > (run.resumed_at or 0):
+            save_checkpoint(run.ckpt_path, run, cfg)
+            run.saved_step = run.step
+    run.end_s = end_seconds(run, cfg, estimate_s, char_s)
+    if run.resumed_at is None and run.step == 0:  # the share of max_time is counted from the first step on
+        run.setup_s, run.t_start = time.time() - run.t_begin, time.time()
+        if summed(run, run.rank == 0 and 0 < cfg.max_time <= run.setup_s + run.end_s)[0]:
+            print(f"time budget {cfg.max_time:g} s cannot be kept: the start took {run.setup_s:.1f} s and the end "
+                  f"needs {run.end_s:.1f} s (an evaluation, the loss over the whole val split, the sample), so not "
+                  f"one step fits; it ends now. Set --max_time={math.ceil((run.setup_s + run.end_s) * 1.5)} or "
+                  f"more, or fewer --eval_iters or --max_new_tokens", flush=True)
+            run.max_iters, last_step = run.step, True
+    whole = final_loss(run, cfg) if last_step else None
+    if run.rank == 0:
+        lr = get_lr(run.step, cfg, run.progress, run.warm_progress)
+        append_log(cfg.out_dir, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}", f"{lr:.3e}",
+                                 f"{run.elapsed:.1f}", '' if whole is None else f"{whole:.4f}"])
+        draw_loss_png(run, cfg)
+    run.t_log += time.time() - run.t_step  # ms/step leaves evaluations out
+
+
+def end_seconds(run, cfg, estimate_s, char_s):
+    """ what the end of a run needs, from the evaluation just made: another like it, the loss over the whole val
+    split at the estimate's speed, and the sample at the preview's """
+    token_s = estimate_s / (2 * cfg.eval_iters * cfg.batch_size * cfg.block_size)
+    tokens = min(len(run.splits['val']), 1 << 17)  # as many as final_windows reads
+    sample_s = (char_s or token_s * cfg.block_size) * cfg.num_samples * cfg.max_new_tokens
+    return time.time() - run.t_step + token_s * tokens + sample_s
+
+
+def eval_batches(run, cfg):
+    """ estimate_loss's batches: eval_iters of each split, from a generator seeded anew at each evaluation """
+    def batches(data, generator):
+        for _ in range(cfg.eval_iters):
+            yield get_batch(data, cfg.block_size, cfg.batch_size, run.device, generator)
+    return {split: batches(data, torch.Generator().manual_seed(cfg.seed)) for split, data in run.splits.items()}
+
+
+def mean_loss(losses, run):
+    """ the mean of the (loss, rows) pairs of every process, each loss weighted by its batch's rows """
+    total, rows = summed(run, sum(loss * n for loss, n in losses), sum(n for _, n in losses))
+    return total / max(rows, 1)
+
+
+def summed(run, *values):
+    """ each value summed over all processes under torchrun (a signal's count, a share of a loss); alone, as is """
+    if run.world == 1:
+        return values
+    shared = torch.tensor(values, dtype=torch.float64, device=run.device)
+    torch.distributed.all_reduce(shared)
+    return shared.tolist()
+
+
+def final_windows(length, block_size, max_tokens=1 << 17):
+    """ where the final loss reads a val split this long: every block_size window of a split up to max_tokens
+    (all of tiny Shakespeare's 111,540 characters), else max_tokens' worth spread evenly; and how many there are """
+    n = (length - 1) // block_size
+    used = min(n, max(1, max_tokens // block_size))
+    return np.linspace(0, n - 1, used).round().astype(np.int64) * block_size, n
+
+
+def final_loss(run, cfg):
+    """ after the last evaluation, the loss over the whole val split by estimate_loss's loop: exact, where the
+    estimate has a standard error of ~0.01; skipped (None) when a stop comes while it runs """
+    asked = len(run.signals)  # a stop that came before is not one to skip this for
+    data, T, B = run.splits['val'], cfg.block_size, 4 * cfg.batch_size  # forward only: 4 times the batch fits
+    starts, n = final_windows(len(data), T)
+
+    def windows():
+        for i in range(0, len(starts), B):
+            if len(run.signals) > asked:
+                return
+            w = torch.from_numpy(data[starts[i:i + B, None] + np.arange(T + 1)].astype(np.int64))  # (B,T+1)
+            yield w[:, :-1].contiguous().to(run.device), w[:, 1:].contiguous().to(run.device)
+    whole = estimate_loss(run.model, run, cfg, {'val': windows()})['val']
+    stopped = summed(run, len(run.signals) > asked)[0]
+    where = f"{len(starts):,} windows spread over the split's {n:,}" if len(starts) < n else 'the whole split'
+    print(f"step {run.step}: " + (f"the val loss over {where} is skipped: stopped" if stopped
+                                  else f"val loss over {where} {whole:.4f}"), flush=True)
+    return None if stopped else whole
+
+
+def generate_one_by_one(model, idx, n, cfg, ctx, generator=None):
+    """ model.generate one character at a time, n times: yields each new token id as it is made (the sample
+    prints it at once; the preview joins them) """
+    for _ in range(n):
+        with ctx:
+            idx = model.generate(idx, 1, cfg.temperature, cfg.top_k, generator)  # (1,T+1)
+        yield idx[0, -1].item()
+
+
+def preview(run, cfg):
+    """ a line sampled from a fixed seed, to watch the model learn; the training's randomness is untouched """
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    idx = torch.zeros((1, 1), dtype=torch.long, device=run.device)  # (1,1): token 0, as the lecture starts
+    tokens = generate_one_by_one(run.raw_model, idx, cfg.preview_chars, cfg, run.ctx, generator)
+    return run.tokenizer.decode(list(tokens)).replace('\n', ' / ')
 
 
 def plural(n, word):
@@ -961,231 +1045,8 @@ def plural(n, word):
 
 
 def format_time(seconds):
+    """ 125.3 -> '2m05s' """
     return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
-
-
-def after_evaluation(run, cfg, losses, last_step, t0):
-    """ after an evaluation: the preview, at the end the whole-split loss, a log.csv row, checkpoints """
-    if cfg.preview_chars:
-        print('  ' + preview(run.raw_model, run.tokenizer, cfg, run.device, run.ctx), flush=True)
-    t_saves = time.time()  # what follows the preview, the final loss left out, is timed for the budget
-    run.elapsed = time.time() - run.t_start
-    if run.rank == 0:  # saved first: the final loss below may take a while, and a stop skips it
-        if losses['val'] < run.best_val_loss and run.step > 0:
-            run.best_val_loss = losses['val']
-            save_checkpoint(run.best_path, run, cfg)
-        if run.step > run.start_step:
-            save_checkpoint(run.ckpt_path, run, cfg)
-            run.saved_step = run.step
-    t_final = time.time()
-    whole = final_loss(run, cfg) if last_step else None
-    t_final = time.time() - t_final
-    if run.rank == 0:
-        lr = get_lr(run.step, cfg, run.lr_decay_iters, run.lr_moved)
-        append_log(run.log_path, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}", f"{lr:.3e}",
-                                  f"{run.elapsed:.1f}", '' if whole is None else f"{whole:.4f}"])
-        run.loss_curve.draw()  # out_dir/loss.png anew from log.csv
-    run.save_s = time.time() - t_saves - t_final
-    run.eval_spent += time.time() - t0  # the training clock leaves evaluations out
-    run.evals += 1
-
-
-def preview(model, tokenizer, cfg, device, ctx):
-    """ a line sampled from a fixed seed, to watch the model learn; the training's randomness is untouched """
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    idx = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1,1): token 0, as the lecture starts
-    with ctx:
-        idx = model.generate(idx, cfg.preview_chars, cfg.temperature, cfg.top_k, generator)  # (1,1+chars)
-    return tokenizer.decode(idx[0, 1:].tolist()).replace('\n', ' / ')
-
-
-def final_loss(run, cfg):
-    """ after the last evaluation, the loss over the whole val split, exact where the estimate has a standard
-    error of ~0.01; a huge split is read at evenly spread windows, and the line says so """
-    whole = whole_split_loss(run.model, run.splits['val'], cfg, run.device, run.ctx, run.signals)
-    starts, n = final_windows(run.splits['val'], cfg.block_size)
-    where = f"{len(starts):,} windows spread over the split's {n:,}" if len(starts) < n else 'the whole split'
-    if whole is None:
-        print(f"step {run.step}: the val loss over {where} is skipped: stopped", flush=True)
-    else:
-        print(f"step {run.step}: val loss over {where} {whole:.4f}", flush=True)
-    return whole
-
-
-def final_windows(data, block_size):
-    """ where the final loss reads the val split: every block_size window of a split up to max_tokens
-    long (all of tiny Shakespeare's 111,540 characters), else max_tokens' worth spread evenly over it """
-    used, n = window_count(len(data), block_size)
-    return np.linspace(0, n - 1, used).round().astype(np.int64) * block_size, n  # window starts, of n
-
-
-def window_count(length, block_size, max_tokens=1 << 17):
-    """ how many windows the final loss reads, of the n non-overlapping ones in a split this long """
-    n = (length - 1) // block_size
-    return min(n, max(1, max_tokens // block_size)), n
-
-
-@torch.no_grad()
-def whole_split_loss(model, data, cfg, device, ctx, stop=()):
-    """ the mean loss over the windows of final_windows: exact over a split up to 131,072 characters;
-    None when a stop (Ctrl-C, SIGTERM) comes while it runs """
-    asked = len(stop)  # a stop that came before is not one to skip this for
-    rank, world = rank_and_world()
-    T, B = cfg.block_size, 4 * cfg.batch_size  # forward only: 4 times the batch fits
-    starts, _ = final_windows(data, T)
-    total = torch.zeros(2, device=device)  # the sum of window losses, and whether a process was stopped
-    model.eval()
-    for i in range(rank * B, len(starts), world * B):  # under torchrun each process takes its share
-        if len(stop) > asked:
-            total[1] = 1
-            break
-        w = torch.from_numpy(data[starts[i:i + B, None] + np.arange(T + 1)].astype(np.int64))  # (B,T+1)
-        with ctx:
-            logits, loss = model(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device))  # (B,T)
-        total[0] += loss.item() * len(w)
-    if world > 1:
-        torch.distributed.all_reduce(total)
-    model.train()
-    return None if total[1] else total[0].item() / len(starts)
-
-
-# ----------------------------------------------------------------------------------------------
-# the time budget: the run ends at max_iters or when max_time is spent, whichever comes first. It
-# times the first steps, plans the last step from warm timings, then plans again before each
-# evaluation; a plan that moves the end moves the learning rate's decay with it, without a jump
-
-def time_budget(run, cfg):
-    """ before the first step, end the run at once if even the shortest one cannot be kept; time the steps
-    on the training clock (evaluations left out); plan once the first steps are warm: at step 50, or after
-    4 steps when a tenth of max_time has gone by (a short budget cannot wait); plan again before each
-    evaluation from the steps timed since """
-    now = time.time()
-    clock, k = now - run.eval_spent, run.step - run.start_step
-    if not run.planned:
-        run.marks.append(clock)
-        if k == 0:
-            run.batch_s, run.char_s = warm_timings(run, cfg)
-            plan(run, cfg, step_s=None)  # only whether max_time can be kept at all
-        elif k >= 4 and (run.step >= 50 or now - run.t_start > cfg.max_time / 10):
-            durations = sorted(b - a for a, b in zip(run.marks[2:], run.marks[3:]))  # the first 2 are cold
-            run.batch_s, run.char_s = warm_timings(run, cfg)
-            plan(run, cfg, durations[len(durations) // 2])  # the median: a busy moment is left out
-            run.t_timed, run.step_timed = time.time() - run.eval_spent, run.step
-    elif run.step % cfg.eval_interval == 0 and run.step_timed < run.step < run.max_iters:
-        plan(run, cfg, (clock - run.t_timed) / (run.step - run.step_timed))
-        run.t_timed, run.step_timed = clock, run.step  # the next plan times the steps from here
-
-
-@torch.no_grad()
-def warm_timings(run, cfg):
-    """ the seconds of a forward pass over one evaluation batch, and of one sampled character, each the
-    quickest of 5 timed after 2 calls that warm it up: a run's first calls are many times slower (the first
-    evaluation 2-3x, the first characters 50x), and a moment of a busy machine is left out """
-    gen = torch.Generator().manual_seed(cfg.seed)  # batches of their own: the training's stream is untouched
-    run.model.eval()
-    batch_s = []
-    for _ in range(7):
-        t0 = time.time()
-        X, Y = get_batch(run.splits['val'], cfg.block_size, cfg.batch_size, run.device, gen)
-        with run.ctx:
-            run.model(X, Y)[1].item()  # .item() waits for the GPU
-        batch_s.append(time.time() - t0)
-    run.model.train()
-    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
-    idx, char_s = torch.zeros((1, 1), dtype=torch.long, device=run.device), []
-    for _ in range(7):  # a character a call, as sample() makes them
-        t0 = time.time()
-        with run.ctx:
-            idx = run.raw_model.generate(idx, 1, cfg.temperature, cfg.top_k, generator)
-        run.tokenizer.decode(idx[0, -1:].tolist())
-        char_s.append(time.time() - t0)
-    return min(batch_s[2:]), min(char_s[2:])
-
-
-def evaluation_s(run, cfg):
-    """ the seconds one evaluation takes: estimate_loss (as measured, once a warm one has been; before, from
-    the warm forward pass), the preview, and the checkpoints, log and picture after it """
-    estimate = run.eval_s if run.evals > 1 else 2 * cfg.eval_iters * run.batch_s / run.world
-    return estimate + cfg.preview_chars * run.char_s + run.save_s
-
-
-def plan(run, cfg, step_s):
-    """ the run's last step from the seconds a step takes; the learning rate's decay moved to end there, and
-    the deadline past which the machine has slowed down; said in a line. When even the shortest run (stop
-    now, evaluate, the whole-split loss, the sample) cannot end within max_time, that is said instead, and
-    the run ends now. step_s None: only that check """
-    first = not run.planned
-    val_tokens = window_count(len(run.splits['val']), cfg.block_size)[0] * cfg.block_size
-    eval_s = evaluation_s(run, cfg)
-    token_s = run.batch_s / (cfg.batch_size * cfg.block_size) / run.world  # a forward pass, per token
-    final_s = eval_s + token_s * val_tokens + run.char_s * cfg.num_samples * cfg.max_new_tokens
-    elapsed = time.time() - run.t_start
-    if first and the_first_processes(elapsed + final_s > cfg.max_time, run):
-        print(f"time budget {cfg.max_time} s cannot be kept: even stopping now, at step {run.step} and "
-              f"{elapsed:.1f} s in, to evaluate ({eval_s:.1f} s), take the loss over the whole val split and "
-              f"sample {cfg.num_samples * cfg.max_new_tokens} characters ends at about {elapsed + final_s:.0f} s; "
-              f"it ends now. Set --max_time={math.ceil((elapsed + final_s) * 1.2)} or more, a larger "
-              f"--eval_interval, or fewer --max_new_tokens", flush=True)
-        run.max_iters = run.lr_decay_iters = run.step
-        run.planned = True
-        return
-    if step_s is None:
-        return
-    n = the_first_processes(plan_steps(cfg, run.step, cfg.max_iters, step_s, elapsed, eval_s, final_s), run)
-    evals = evaluations(run.step, n, cfg.eval_interval)
-    end = elapsed + (n - run.step) * step_s + (evals - 1) * eval_s + final_s
-    if first or n != run.max_iters:
-        now = f"{n} steps" + (' (max_iters)' if n == cfg.max_iters else '')
-        print(f"time budget {cfg.max_time} s: {now if first else f'now {now} (was {run.max_iters})'} at "
-              f"{step_s * 1000:.0f} ms/step and {plural(evals, 'evaluation')} at {eval_s:.1f} s, done at "
-              f"about {format_time(end)}", flush=True)
-    move_schedule(run, cfg, n)
-    said = cfg.warmup_iters >= run.max_iters  # at the start
-    run.max_iters, run.planned = n, True
-    run.deadline = None if n == run.step else run.t_start + 0.985 * cfg.max_time - final_s
-    if first and not said:
-        warn_long_warmup(run, cfg)
-
-
-def the_first_processes(value, run):
-    """ under torchrun, every process takes the first one's decision (value, a number); alone, value """
-    if run.world == 1:
-        return value
-    shared = torch.tensor([float(value)], dtype=torch.float64, device=run.device)
-    torch.distributed.broadcast(shared, 0)
-    return type(value)(shared.item())
-
-
-def move_schedule(run, cfg, end):
-    """ the decay ends at step end from now on: after the warmup, the cosine goes on from the rate this step
-    has, so that the rate never jumps (get_lr's moved) """
-    if end != run.lr_decay_iters and run.step > cfg.warmup_iters:
-        run.lr_moved = (run.step, get_lr(run.step, cfg, run.lr_decay_iters, run.lr_moved))
-    run.lr_decay_iters = end
-
-
-def evaluations(step, end, interval):
-    """ the evaluations from step to end: at each multiple of interval from step on, and at end """
-    return -(-end // interval) - -(-step // interval) + 1  # ceil(end / interval) - ceil(step / interval) + 1
-
-
-def plan_steps(cfg, step, max_iters, step_s, elapsed, eval_s, final_s):
-    """
-    The time budget's arithmetic: the most steps, up to max_iters, whose training and evaluations, then the
-    last evaluation, the whole-split loss and the sample (final_s), end within 97% of max_time (3% is kept
-    for noise). A multiple of 50 when over 100 steps are left; step itself when not one more fits.
-    """
-    def end(n):
-        return elapsed + (n - step) * step_s + (evaluations(step, n, cfg.eval_interval) - 1) * eval_s + final_s
-    target = 0.97 * cfg.max_time
-    n = min(max_iters, step + max(0, int((target - end(step)) / (step_s + eval_s / cfg.eval_interval))))
-    while n > step and end(n) > target:  # the evaluations are counted one by one
-        n -= 1
-    while n < max_iters and end(n + 1) <= target:
-        n += 1
-    if n - step > 100 and n < max_iters:
-        n -= n % 50
-    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1193,8 +1054,7 @@ def plan_steps(cfg, step, max_iters, step_s, elapsed, eval_s, final_s):
 
 def muon_matrices(model):
     """ the weight matrices Muon trains: the blocks' 2-D weights (attention and feed-forward) """
-    return [p for n, p in model.named_parameters()
-            if p.requires_grad and n.startswith('blocks.') and p.dim() == 2]
+    return [p for n, p in model.named_parameters() if p.requires_grad and n.startswith('blocks.') and p.dim() == 2]
 
 
 def newton_schulz(G, steps=5, eps=1e-7):
@@ -1271,44 +1131,18 @@ class MuonWithAdamW:
 # data at scale: the text encoded once into a file on disk, then memory-mapped
 
 def read_text_chunks(path, chunk_chars=1 << 22):
-    """ the file's text, a few million characters at a time, so memory stays small for huge files """
+    """ the file's characters as code points, a few million at a time: memory stays small for huge files """
     with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not a character
         while chunk := f.read(chunk_chars):
-            yield chunk
-
-
-def code_points(text):
-    return np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
-
-
-def vocabulary(path):
-    """ chars = sorted(set(text)): the code points that occur in the file, in sorted order """
-    counts = np.zeros(0x110000, dtype=np.int64)
-    for chunk in read_text_chunks(path):
-        counts += np.bincount(code_points(chunk), minlength=0x110000)
-    return np.flatnonzero(counts)
-
-
-def encode_file(path, vocab, bin_path):
-    """ data = encode(text): each character's code point -> its token id, written to bin_path """
-    dtype = np.uint16 if len(vocab) <= 1 << 16 else np.uint32
-    lookup = np.zeros(0x110000, dtype=dtype)
-    lookup[vocab] = np.arange(len(vocab))
-    with written_atomically(bin_path) as tmp, open(tmp, 'wb') as f:  # two runs may prepare one folder at once
-        for chunk in read_text_chunks(path):
-            f.write(lookup[code_points(chunk)].tobytes())
-    return np.dtype(dtype).name
+            yield np.frombuffer(chunk.encode('utf-32-le'), dtype=np.uint32)
 
 
 def prepare_data(path, cache_dir):
-    """
-    The text's vocabulary and the whole text as token ids (uint16, or uint32 past 65,536 characters),
-    encoded into a file in cache_dir once, then memory-mapped: a text larger than memory still
-    trains. The cache is rebuilt when the text file changes.
-    """
+    """ chars = sorted(set(text)) and data = encode(text) as token ids (uint16, or uint32 past 65,536
+    characters), encoded into cache_dir once, then memory-mapped: a text larger than memory still trains """
     if not os.path.isfile(path):
         die(f"cannot read the input file '{path}': put a UTF-8 text file there or set --input_file")
-    key = dict(file=os.path.abspath(path), **text_stamp(path))
+    key = dict(file=os.path.abspath(path), **text_stamp(path))  # a text that changes is encoded anew
     meta_path, bin_path = os.path.join(cache_dir, 'data.json'), os.path.join(cache_dir, 'data.bin')
     try:
         with open(meta_path, encoding='utf-8') as f:
@@ -1318,33 +1152,31 @@ def prepare_data(path, cache_dir):
     except (OSError, ValueError, KeyError):
         pass  # no cache yet, or a stale or damaged one: build it
     try:  # an interrupted or failed preparation leaves no half-written file behind
-        vocab = vocabulary(path)
+        vocab = np.flatnonzero(sum(np.bincount(c, minlength=0x110000) for c in read_text_chunks(path)))
         if len(vocab) == 0:
             die(f"the input file '{path}' is empty: give it some text to learn from")
-        dtype = encode_file(path, vocab, bin_path)
-        meta = dict(key=key, chars=''.join(chr(c) for c in vocab), dtype=dtype)
+        lookup = np.zeros(0x110000, dtype=np.uint16 if len(vocab) <= 1 << 16 else np.uint32)
+        lookup[vocab] = np.arange(len(vocab))  # each character's code point -> its token id
+        with written_atomically(bin_path) as tmp, open(tmp, 'wb') as f:  # two runs may prepare one folder at once
+            for chunk in read_text_chunks(path):
+                f.write(lookup[chunk].tobytes())
+        meta = dict(key=key, chars=''.join(map(chr, vocab)), dtype=lookup.dtype.name)
         with written_atomically(meta_path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
             json.dump(meta, f)
     except UnicodeDecodeError as e:
-        die(not_utf8(path, e))
+        with open(path, 'rb') as f:  # UTF-16, as some editors save, is named, with the fix
+            head = f.read(1024)
+        if head[:2] in (b'\xff\xfe', b'\xfe\xff') or head.count(0) > len(head) // 4:
+            die(f"the input file '{path}' is UTF-16 text, not UTF-8: save it as UTF-8 (e.g. iconv -f UTF-16 "
+                f"-t UTF-8 '{path}' > input-utf8.txt, then --input_file=input-utf8.txt)")
+        die(f"the input file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} cannot be read): save it as UTF-8")
     except OSError as e:
         die(f"cannot encode '{path}' into {cache_dir} ({e.strerror}): free some disk space or set --out_dir")
     return list(meta['chars']), np.memmap(bin_path, dtype=meta['dtype'], mode='r')
 
 
-def not_utf8(path, e):
-    """ what to say of a text that is not UTF-8: UTF-16 (as some editors save) is named, with the fix """
-    with open(path, 'rb') as f:
-        head = f.read(1024)
-    if head[:2] in (b'\xff\xfe', b'\xfe\xff') or head.count(0) > len(head) // 4:
-        return (f"the input file '{path}' is UTF-16 text, not UTF-8: save it as UTF-8 "
-                f"(e.g. iconv -f UTF-16 -t UTF-8 '{path}' > input-utf8.txt, then --input_file=input-utf8.txt)")
-    return (f"the input file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} cannot be read): "
-            f"save it as UTF-8")
-
-
 def text_stamp(path):
-    """ the text file's size and time of last change: a new encoding, or a note when a text changed """
+    """ the text file's size and time of last change """
     st = os.stat(path)
     return dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
 
@@ -1367,17 +1199,17 @@ def download(url, sha256, path):
 
 def check_text_against(checkpoint, chars, cfg):
     """ a resumed model goes on with the characters it learned; a text edited since is said """
-    if ''.join(chars) != checkpoint['chars']:
-        learned = checkpoint['config']['input_file']
-        same_file = os.path.abspath(cfg.input_file) == os.path.abspath(learned)
-        what = (f"{cfg.input_file} has changed since the model learned it" if same_file
-                else f"{cfg.input_file} is not the text the model learned ({learned})")
-        new = ''.join(sorted(set(chars) - set(checkpoint['chars'])))
-        gone = ''.join(sorted(set(checkpoint['chars']) - set(chars)))
-        die(f"{what}, and its vocabulary differs (new: {shown(new[:20])}, gone: {shown(gone[:20])}): "
-            f"resume on the text it learned, or train a new model with another --out_dir")
-    stamp = text_stamp(cfg.input_file)
-    if checkpoint.get('text', stamp) != stamp:
+    learned, then = checkpoint['chars'], checkpoint['config']['input_file']
+    if ''.join(chars) != learned:
+        what = (f"{cfg.input_file} has changed since the model learned it" if os.path.abspath(cfg.input_file) == then
+                else f"{cfg.input_file} is not the text the model learned ({then})")
+        diff = [(label, sorted(a - b)) for label, a, b in (('new', set(chars), set(learned)),
+                                                            ('gone', set(learned), set(chars)))]
+        diff = '; '.join(f"{label}: {shown(''.join(cs[:40]))}" + (f" and {len(cs) - 40} more" if len(cs) > 40 else '')
+                         for label, cs in diff if cs)
+        die(f"{what}, and its vocabulary differs ({diff}): resume on the text it learned, or train a new model "
+            f"with another --out_dir")
+    if checkpoint['text'] != text_stamp(cfg.input_file):
         print(f"note: {cfg.input_file} has changed since step {checkpoint['step']} was saved "
               f"(same characters): training goes on with the text as it is now")
 
@@ -1387,34 +1219,33 @@ def check_splits(splits, cfg):
     for split, d in splits.items():
         if len(d) < cfg.block_size + 1:
             die(f"{cfg.input_file} is too short for block_size={cfg.block_size}: its {split} split has "
-                f"{len(d)} characters and needs {cfg.block_size + 1}; "
-                f"use a longer text or a smaller --block_size")
+                f"{len(d)} characters and needs {cfg.block_size + 1}; use a longer text or a smaller --block_size")
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints and the log: everything needed to resume exactly or sample later, a row per evaluation
+# checkpoints and the log, everything needed to resume exactly or sample later, a row per evaluation;
+# and the one-run lock: one training run per out_dir, which must be writable before it starts
+
+CHECKPOINT_FORMAT = 1  # raised when what a checkpoint holds changes: one of another format is refused
+
 
 def save_checkpoint(path, run, cfg):
     """ everything needed to resume exactly or to sample later; written to a temporary file, then renamed """
     checkpoint = dict(
+        format=CHECKPOINT_FORMAT, **{name: getattr(run, name) for name in SAVED},  # where the loop stands
         model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
         scaler=run.scaler.state_dict(),  # fp16's loss scale, its growth tracker; {} in bf16 and fp32
         model_class=type(run.raw_model).__name__, model_args=asdict(run.raw_model.config),
-        config={**vars(cfg), 'max_iters': run.max_iters, 'lr_decay_iters': run.lr_decay_iters,
-                'lr_moved': run.lr_moved, 'planned': run.planned,  # the settings, with the loop's plan
-                'input_file': os.path.abspath(cfg.input_file)},  # found again from any folder
+        config={**vars(cfg), 'input_file': os.path.abspath(cfg.input_file)},  # found again from any folder
         constants=run.constants,  # the file's lines as they were: an edit made before a resume is seen
-        text=run.text, processes=run.world, command=command_of(type(run.raw_model)),
-        step=run.step, best_val_loss=run.best_val_loss, elapsed=run.elapsed, chars=run.tokenizer.chars,
-        rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if cuda else [],
-    )
+        text=text_stamp(cfg.input_file), processes=run.world, command=command_of(type(run.raw_model)),
+        chars=run.tokenizer.chars, rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if cuda else [])
     try:
         with written_atomically(path) as tmp:  # a crash mid-save leaves the previous checkpoint as it was
             torch.save(checkpoint, tmp)
     except (OSError, RuntimeError) as e:  # torch says a full disk as "unexpected pos": say it plainly
         full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 64 << 20
-        full = full or getattr(e, 'errno', 0) == errno.ENOSPC
-        why = 'no space left on the disk' if full else first_line(e)
+        why = 'no space left on the disk' if full or getattr(e, 'errno', 0) == errno.ENOSPC else first_line(e)
         die(f"could not write {path} ({why}); the previous checkpoint is intact: "
             f"free some disk space or set --out_dir, then resume with --init_from=resume")
 
@@ -1425,18 +1256,16 @@ def load_checkpoint(path, model_class):
         die(no_checkpoint(path, model_class))
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        for key in ('model_class', 'model', 'chars', 'step', 'config'):
-            checkpoint[key]
+        fmt = checkpoint.get('format')
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all: whatever torch raises
-        die(f"{path} is damaged or not a checkpoint of gpt.py ({type(e).__name__}): "
-            f"delete it, or use --init_from=scratch")
+        die(f"{path} is damaged or not a checkpoint of gpt.py ({type(e).__name__}): delete it, or use --init_from=scratch")
+    if fmt != CHECKPOINT_FORMAT:
+        die(f"{path} is a checkpoint of format {fmt}, and this gpt.py reads format {CHECKPOINT_FORMAT}: train a "
+            f"new model with another --out_dir, or use the gpt.py that saved it")
     if checkpoint['model_class'] != model_class.__name__:
-        other = checkpoint.get('command')  # how the run that saved it was started
-        if other and other != command_of(model_class):
-            die(f"{path} holds a {checkpoint['model_class']}, not a {model_class.__name__}: "
-                f"resume or sample it with {other} --out_dir={os.path.dirname(path) or '.'}")
-        die(f"{path} holds a {checkpoint['model_class']}, not a {model_class.__name__}: "
-            f"use another --out_dir")
+        other = checkpoint['command']  # how the run that saved it was started
+        use = f"{other} --out_dir={os.path.dirname(path) or '.'}" if other != command_of(model_class) else 'another --out_dir'
+        die(f"{path} holds a {checkpoint['model_class']}, not a {model_class.__name__}: resume or sample it with {use}")
     return checkpoint
 
 
@@ -1450,60 +1279,46 @@ def no_checkpoint(path, model_class):
         return (f"no checkpoint at {path} yet: a run is training in {folder} ({busy}) and saves at its "
                 f"first evaluation: wait for it, or set --out_dir")
     kept = os.path.join(folder, 'previous')
-    earlier = ''
-    if os.path.isdir(kept) and os.listdir(kept):
-        latest = os.path.join(kept, sorted(os.listdir(kept))[-1])
-        earlier = f"; earlier runs are kept in {kept}, e.g. --out_dir={latest}"
+    earlier = os.path.isdir(kept) and sorted(os.listdir(kept))
+    earlier = f"; earlier runs are kept in {kept}, e.g. --out_dir={os.path.join(kept, earlier[-1])}" if earlier else ''
     return f"no checkpoint at {path}: train one first ({command_of(model_class)}), or set --out_dir{earlier}"
 
 
 def command_of(model_class):
     """ the command that trains model_class: python gpt.py, python bigram.py, ... (saved with it) """
-    script = os.path.basename(sys.modules[model_class.__module__].__file__)
-    return getattr(model_class, 'command', f"python {script}")
-
-
-def keep_previous_run(out_dir):
-    """ a new run never overwrites a trained model: the last run's files move to out_dir/previous/<date> """
-    names = ('ckpt.pt', 'best.pt', 'log.csv', 'loss.png', 'attention.png')
-    files = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
-    if not {'ckpt.pt', 'best.pt'} & set(files):
-        return None
-    when = time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(os.path.join(out_dir, files[0]))))
-    dest, k = os.path.join(out_dir, 'previous', when), 1
-    while os.path.exists(dest):
-        dest, k = os.path.join(out_dir, 'previous', f'{when}-{k}'), k + 1
-    os.makedirs(dest)
-    for name in files:
-        os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
-    print(f"the previous run's model is kept in {dest} (sample it with --out_dir={dest} --init_from=resume)")
-    return dest
+    return getattr(model_class, 'command', f"python {os.path.basename(sys.modules[model_class.__module__].__file__)}")
 
 
 def start_log(run, cfg, checkpoint):
-    """
-    log.csv, with a row per evaluation. A new run moves the previous run aside (keep_previous_run) and starts
-    an empty log. A run trained on from best.pt is a new branch of its run: that run is moved aside too, and
-    the branch's log starts with its rows up to best.pt's step. A resumed run keeps the rows up to its
-    checkpoint, so no step is logged twice, even after a save that failed.
-    """
-    kept = keep_previous_run(cfg.out_dir) if not checkpoint or cfg.init_from == 'best' else None
-    old = os.path.join(kept, 'log.csv') if kept else run.log_path
+    """ log.csv, a row per evaluation. A new run, or a branch trained on from best.pt, first moves the previous
+    run's files to out_dir/previous/<date>: a trained model is never overwritten. A resumed run (or a branch)
+    keeps the rows up to its step, so no step is logged twice, even after a save that failed """
+    path, names = os.path.join(cfg.out_dir, 'log.csv'), ('ckpt.pt', 'best.pt', 'log.csv', 'loss.png', 'attention.png')
+    old, files = path, [n for n in names if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if (not checkpoint or cfg.init_from == 'best') and {'ckpt.pt', 'best.pt'} & set(files):
+        mtime = os.path.getmtime(os.path.join(cfg.out_dir, files[0]))
+        when, k = time.strftime('%Y%m%d-%H%M%S', time.localtime(mtime)), 0
+        while os.path.exists(kept := os.path.join(cfg.out_dir, 'previous', when + (f'-{k}' if k else ''))):
+            k += 1
+        os.makedirs(kept)
+        for name in files:
+            os.replace(os.path.join(cfg.out_dir, name), os.path.join(kept, name))
+        print(f"the previous run's model is kept in {kept} (sample it with --out_dir={kept} --init_from=resume)")
+        old = os.path.join(kept, 'log.csv')
     rows = []
     if checkpoint and os.path.exists(old):
         with open(old, newline='') as f:
-            rows = [row for row in csv.reader(f)][1:]
-        rows = [row for row in rows if row and int(row[0]) <= run.step]
-    header = ['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss']
+            rows = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= run.step]
     try:
-        with written_atomically(run.log_path) as tmp, open(tmp, 'w', newline='') as f:
-            csv.writer(f).writerows([header] + rows)
+        with written_atomically(path) as tmp, open(tmp, 'w', newline='') as f:
+            csv.writer(f).writerows([['step', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'whole_val_loss']] + rows)
     except OSError as e:
-        die(f"cannot write {run.log_path} ({e.strerror}): free some disk space or set --out_dir")
+        die(f"cannot write {path} ({e.strerror}): free some disk space or set --out_dir")
 
 
-def append_log(path, row):
+def append_log(out_dir, row):
     """ one row of log.csv; a full disk is one line of error, with the checkpoints already saved """
+    path = os.path.join(out_dir, 'log.csv')
     try:
         with open(path, 'a', newline='') as f:
             csv.writer(f).writerow(row)
@@ -1513,8 +1328,8 @@ def append_log(path, row):
 
 @contextmanager
 def written_atomically(path):
-    """ a temporary path beside path (this process's own); once written, it replaces path in one rename:
-    a reader never sees half a file, and a crash or a full disk leaves the previous file as it was """
+    """ a temporary path beside path (this process's own) that replaces path in one rename once written: a
+    reader never sees half a file, and a crash or a full disk leaves the previous file as it was """
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
         yield tmp
@@ -1524,33 +1339,25 @@ def written_atomically(path):
             os.remove(tmp)
 
 
-# ----------------------------------------------------------------------------------------------
-# the one-run lock: one training run per out_dir, and an out_dir known to be writable before it starts
-
 @contextmanager
-def one_run_at_a_time(out_dir, on=True):
+def one_run_at_a_time(out_dir, run):
     """ a second training run in a busy out_dir is refused in one line that names the first; the lock is the
     operating system's (flock on out_dir/run.lock), so a run that crashes or is killed leaves none behind """
-    if not on or fcntl is None:  # Windows has no flock: no lock there
+    if run.rank > 0 or fcntl is None:  # the first process holds it for all
         yield
         return
-    f = open(os.path.join(out_dir, 'run.lock'), 'a+')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    with open(os.path.join(out_dir, 'run.lock'), 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            die(f"{out_dir} is in use by another training run ({f.read().strip() or 'another process'}): "
+                f"wait for it to end, stop it, or set --out_dir")
         f.seek(0)
-        who = f.read().strip() or 'another process'
-        f.close()
-        die(f"{out_dir} is in use by another training run ({who}): wait for it to end, stop it, "
-            f"or set --out_dir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()  # and the lock with it
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield  # the lock goes with the file, closed
 
 
 def lock_holder(out_dir):
@@ -1563,16 +1370,16 @@ def lock_holder(out_dir):
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken only while no run holds it
         except OSError:
             return f.read().strip() or 'another process'
-    return None
 
 
 def check_out_dir(out_dir):
     """ find out now, not after an hour of training, that checkpoints cannot be written """
+    if os.path.isfile(out_dir):
+        die(f"out_dir '{out_dir}' is a file, not a folder: set --out_dir to a folder")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        test_file = os.path.join(out_dir, f'.write_test{os.getpid()}')
-        open(test_file, 'w').close()
-        os.remove(test_file)
+        with open(os.path.join(out_dir, f'.write_test{os.getpid()}'), 'w') as f:
+            os.remove(f.name)
     except OSError as e:
         die(f"cannot write to out_dir '{out_dir}' ({e.strerror}): set --out_dir to a writable folder")
 
@@ -1581,14 +1388,32 @@ def check_out_dir(out_dir):
 # pictures: the loss curve and each head's attention, drawn with matplotlib where it is installed
 # (it is optional: without it a run trains and samples as before, and says so once)
 
-def new_figure(width, height, layout=None):
-    """ a matplotlib figure (inches) drawn by Agg into a file: imported on first use, never a window, and
-    pyplot's global backend (a notebook's) left as it is """
+# fonts with the CJK characters that matplotlib's own (DejaVu Sans) lacks, on Linux, macOS and Windows:
+# matplotlib draws each character in the first font of its font.family list that has it
+CJK_FONTS = ['Noto Sans CJK JP', 'Noto Sans CJK SC', 'WenQuanYi Zen Hei', 'Droid Sans Fallback', 'IPAGothic',
+             'Hiragino Sans', 'PingFang SC', 'Apple SD Gothic Neo', 'Yu Gothic', 'Microsoft YaHei', 'Malgun Gothic']
+
+
+@contextmanager
+def drawing(width, height):
+    """ a matplotlib figure (inches) drawn by Agg, imported on first use, never a window; pyplot's global state
+    left as it is; text in matplotlib's font with CJK_FONTS behind it, and a character no font has drawn as
+    a box, without a warning """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
+    family = [*matplotlib.rcParams['font.family'], *CJK_FONTS]
+    font_log = logging.getLogger('matplotlib.font_manager')  # "font family not found" for each one missing
+    level = font_log.level
+    font_log.setLevel(logging.ERROR)
+    try:
+        with matplotlib.rc_context({'font.family': family}), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            fig = Figure(figsize=(width, height), dpi=100, layout='constrained')
+            FigureCanvasAgg(fig)
+            yield fig
+    finally:
+        font_log.setLevel(level)
 
 
 def save_figure(fig, path):
@@ -1597,50 +1422,11 @@ def save_figure(fig, path):
         fig.savefig(tmp, format='png')
 
 
-# fonts with the CJK characters that matplotlib's font (DejaVu Sans) lacks: Linux, macOS, Windows
-FALLBACK_FONTS = ('Noto Sans CJK JP', 'Noto Sans CJK SC', 'Noto Sans CJK TC', 'Noto Sans CJK KR',
-                  'Source Han Sans', 'WenQuanYi Zen Hei', 'WenQuanYi Micro Hei',
-                  'Droid Sans Fallback', 'IPAGothic', 'IPAexGothic', 'Hiragino Sans', 'PingFang SC',
-                  'Apple SD Gothic Neo', 'Yu Gothic', 'MS Gothic', 'Microsoft YaHei',
-                  'Malgun Gothic', 'Arial Unicode MS')
-
-
-def font_families(families, installed):
-    """ the fonts text is drawn in: families (matplotlib's setting) first, then the installed ones
-    of FALLBACK_FONTS, where matplotlib finds a character that the fonts before them lack """
-    return [*families, *(f for f in FALLBACK_FONTS if f in installed and f not in families)]
-
-
-@contextmanager
-def drawing():
-    """ while a picture is drawn: a character that matplotlib's font lacks (a CJK one) drawn in an
-    installed font that has it, and one that no font has drawn as a box, without a warning """
-    import matplotlib
-    from matplotlib import font_manager
-    installed = {font.name for font in font_manager.fontManager.ttflist}
-    families = font_families(matplotlib.rcParams['font.family'], installed)
-    with matplotlib.rc_context({'font.family': families}), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        yield
-
-
-def literal(text):
-    """ text that matplotlib shows as it is: a $ is a dollar sign, never the start of $math$ """
-    return text.replace('$', r'\$')
-
-
-VISIBLE = {'\n': '\u21b5', '\t': '\u21e5'}  # a newline and a tab as the signs for return and tab
-
-
-def char_label(ch):
-    """ a character as a tick label: a space (as an open box), a newline and a tab made visible """
-    return literal({' ': '\u2423', **VISIBLE}.get(ch, ch))
-
-
-def quoted(text, width=60):
-    """ text in quotes as it is, a newline and a tab made visible, a line every width characters """
-    shown = "'" + ''.join(VISIBLE.get(c, c) for c in text) + "'"
-    return '\n'.join(shown[i:i + width] for i in range(0, len(shown), width))
+def label(text, space=False):
+    """ text as matplotlib shows it as it is: a $ a dollar sign, not $math$; a newline, a tab (and with space,
+    a space) as the signs for them """
+    signs = {'\n': '\u21b5', '\t': '\u21e5', **({' ': '\u2423'} if space else {})}
+    return ''.join(signs.get(c, c) for c in text).replace('$', r'\$')
 
 
 def attention_heads(model):
@@ -1658,146 +1444,94 @@ def model_shape(model, sep=': '):
     groups, c = attention_heads(model), model.config
     layers = sum(isinstance(m, Block) for m in model.modules())
     heads = max(map(len, groups.values()), default=0) if layers else sum(map(len, groups.values()))
-    shape = [plural(layers, 'layer')] * (layers > 0)
-    shape += [plural(heads, 'head'), f"n_embd {c.n_embd}"] * (heads > 0)
+    shape = [plural(layers, 'layer')] * (layers > 0) + [plural(heads, 'head'), f"n_embd {c.n_embd}"] * (heads > 0)
     return f"{type(model).__name__}{sep}{', '.join([*shape, f'block_size {c.block_size}'])}"
-
-
-def device_name(device):
-    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == 'cuda' else str(device)
 
 
 def read_log(path):
     """ log.csv as [(step, train_loss, val_loss, whole_val_loss or None)], a resumed run's whole history """
     with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    return [(int(row['step']), float(row['train_loss']), float(row['val_loss']),
-             float(row['whole_val_loss']) if row.get('whole_val_loss') else None) for row in rows]
+        return [(int(r['step']), float(r['train_loss']), float(r['val_loss']),
+                 float(r['whole_val_loss']) if r.get('whole_val_loss') else None) for r in csv.DictReader(f)]
 
 
-@drawing()
 def draw_loss_curve(log_path, path, title):
     """ train and val loss (the estimates) against the step, and the whole-split val loss as marked points """
     from matplotlib.ticker import MaxNLocator
     rows = read_log(log_path)
-    fig = new_figure(7, 4.5)
-    ax = fig.add_subplot()
-    steps = [r[0] for r in rows]
-    ax.plot(steps, [r[1] for r in rows], '.-', label='train loss (estimate)')
-    ax.plot(steps, [r[2] for r in rows], '.-', label='val loss (estimate)')
-    whole = [(r[0], r[3]) for r in rows if r[3] is not None]
-    if whole:
-        ax.plot(*zip(*whole), 'D', color='black', label='val loss over the whole split')
-    ax.set(xlabel='step', ylabel='loss', title=literal(title))
-    # ticks at whole steps only, at the round numbers of matplotlib's own choice (0, 1000, ..., 5000)
-    ax.xaxis.set_major_locator(MaxNLocator('auto', steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
-    ax.ticklabel_format(axis='y', useOffset=False)  # each loss in full: 4.1375, never 1e-4+4.137
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.subplots_adjust(left=0.09, right=0.97, top=0.88, bottom=0.11)  # fixed: twice as fast as a layout
-    widen_left_margin(fig, ax)
-    save_figure(fig, path)
+    with drawing(7, 4.5) as fig:
+        ax = fig.add_subplot()
+        steps = [r[0] for r in rows]
+        ax.plot(steps, [r[1] for r in rows], '.-', label='train loss (estimate)')
+        ax.plot(steps, [r[2] for r in rows], '.-', label='val loss (estimate)')
+        whole = [(r[0], r[3]) for r in rows if r[3] is not None]
+        if whole:
+            ax.plot(*zip(*whole), 'D', color='black', label='val loss over the whole split')
+        ax.set(xlabel='step', ylabel='loss', title=title)
+        # ticks at whole steps only, at the round numbers of matplotlib's own choice (0, 1000, ..., 5000)
+        ax.xaxis.set_major_locator(MaxNLocator('auto', steps=[1, 2, 5, 10], integer=True, min_n_ticks=1))
+        ax.ticklabel_format(axis='y', useOffset=False)  # each loss in full: 4.1375, never 1e-4+4.137
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save_figure(fig, path)
 
 
-def widen_left_margin(fig, ax, pad=4):
-    """ the left margin made as wide as the y-axis's tick labels and label need (close losses have
-    wide labels, 4.1375): measured, rather than laid out by matplotlib, twice as slow to draw """
-    left = ax.yaxis.get_tightbbox(fig.canvas.get_renderer()).x0  # pixels
-    if left < pad:
-        fig.subplots_adjust(left=fig.subplotpars.left + (pad - left) / fig.bbox.width)
-
-
-class LossCurve:
-    """ out_dir/loss.png, drawn anew from log.csv after each evaluation; a missing matplotlib, or any
-    error while drawing, is said in one line, once, and the run goes on without the picture """
-
-    def __init__(self, cfg, model, device, on=True):
-        self.log_path, self.path = os.path.join(cfg.out_dir, 'log.csv'), os.path.join(cfg.out_dir, 'loss.png')
-        self.title = f"{model_shape(model)}\non {device_name(device)}"
-        self.on = on
-
-    def draw(self):
-        if not self.on:
-            return
-        try:
-            draw_loss_curve(self.log_path, self.path, self.title)
-        except Exception as e:  # a picture never stops a run
-            self.on = False
-            why = ('cannot import matplotlib: pip install matplotlib' if isinstance(e, ImportError)
-                   else f"{type(e).__name__}: {first_line(e)}")
-            print(f"{self.path} is not drawn ({why}); the run goes on without it", flush=True)
-
-
-@contextmanager
-def keeping_attention(model):
-    """ for a while, every Head runs its own forward, the lecture's code, and keeps its softmaxed wei:
-    the fused kernel of MultiHeadAttention computes no wei, so it is turned off """
-    fused = {m: m.fused for m in model.modules() if isinstance(m, MultiHeadAttention)}
-    heads = [m for m in model.modules() if isinstance(m, Head)]
-    for m in fused:
-        m.fused = False
-    for h in heads:
-        h.keep_wei = True
+def draw_loss_png(run, cfg):
+    """ out_dir/loss.png, drawn anew from log.csv after each evaluation; a missing matplotlib, or any error
+    while drawing, is said in one line, once, and the run goes on without the picture """
+    path = os.path.join(cfg.out_dir, 'loss.png')
     try:
-        yield
-    finally:
-        for m, was_fused in fused.items():
-            m.fused = was_fused
-        for h in heads:
-            h.keep_wei, h.wei = False, None
+        if run.plot:
+            draw_loss_curve(os.path.join(cfg.out_dir, 'log.csv'), path, f"{model_shape(run.raw_model)}\non {run.device}")
+    except Exception as e:  # a picture never stops a run
+        run.plot = False
+        why = 'cannot import matplotlib: pip install matplotlib' if isinstance(e, ImportError) else \
+            f"{type(e).__name__}: {first_line(e)}"
+        print(f"{path} is not drawn ({why}); the run goes on without it", flush=True)
 
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """ each head's softmaxed wei for one sequence idx (1,T), as its Head computes it in the model's forward:
-    {group: [(name, (T,T))]}, row t the query at position t, column s how much it attends to the key at s """
+    """ each head's softmaxed wei for one sequence idx (1,T), as its Head computes it in the model's forward
+    (the lecture's code: the fused kernel computes no wei, so it is turned off for this forward), without
+    dropout: {group: [(name, (T,T))]}, row t the query at position t, column s how much it attends to s """
     groups = attention_heads(model)
+    modules = [m for m in model.modules() if isinstance(m, (MultiHeadAttention, Head))]
+    saved = [(m, m.fused if isinstance(m, MultiHeadAttention) else m.keep_wei) for m in modules]
     was_training = model.training
-    model.eval()  # no dropout
+    model.eval()
     try:
-        with keeping_attention(model):
-            model(idx)
-            for name, head in (nh for heads in groups.values() for nh in heads):
-                if head.wei is None:
-                    die(f"{name} computed no attention weights in {type(model).__name__}'s forward: "
-                        f"cannot draw them")
-            maps = {g: [(name, head.wei[0].float().cpu()) for name, head in heads]
-                    for g, heads in groups.items()}
+        for m in modules:
+            setattr(m, 'fused' if isinstance(m, MultiHeadAttention) else 'keep_wei', isinstance(m, Head))
+        model(idx)
+        return {g: [(name, head.wei[0].float().cpu()) for name, head in heads] for g, heads in groups.items()}
     finally:
         model.train(was_training)
-    return maps
+        for m, value in saved:
+            setattr(m, 'fused' if isinstance(m, MultiHeadAttention) else 'keep_wei', value)
+            if isinstance(m, Head):
+                m.wei = None
 
 
-@drawing()
 def draw_attention(maps, chars, path, title):
     """ one heatmap per head, a row of them per layer: row t, how much the character at t attends to each """
     T, rows, cols = len(chars), len(maps), max(map(len, maps.values()))
     size = min(max(2.5, 0.16 * T + 1), 8)  # inches per head: room for a label per character
-    height = size * rows + 0.4 + 0.2 * (title.count('\n') + 1)  # 0.2 inches a line of the title
-    fig = new_figure(size * cols + 1, height, layout='constrained')
-    labels = [char_label(c) for c in chars]
-    ticks = range(0, T, math.ceil(T / 48))  # at most 48 labels on an axis
-    for r, heads in enumerate(maps.values()):
-        for c, (name, wei) in enumerate(heads):
-            ax = fig.add_subplot(rows, cols, r * cols + c + 1)
-            image = ax.imshow(wei.numpy(), cmap='Blues', vmin=0, vmax=1)  # 0 is white: the masked future
-            ax.set_title(name, fontsize=9)
-            ax.set_xticks(ticks)
-            ax.set_xticklabels([labels[i] for i in ticks], fontsize=7)
-            ax.set_yticks(ticks)
-            ax.set_yticklabels([labels[i] for i in ticks], fontsize=7)
-            ax.set(xlabel='key (attended to)' if r == rows - 1 else '',
-                   ylabel='query (attending)' if c == 0 else '')
-    fig.colorbar(image, ax=fig.axes, shrink=0.6, label='attention weight')
-    widen_to_fit(fig, fig.suptitle(literal(title)))
-    save_figure(fig, path)
-
-
-def widen_to_fit(fig, text, pad=0.15):
-    """ the figure widened, if need be, to hold text (its title) with pad inches on each side """
-    width = text.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 2 * pad
-    if width > fig.get_figwidth():
-        fig.set_figwidth(width)
+    width = max(size * cols + 1, 0.1 * max(map(len, title.splitlines())))  # the title fits: ~0.1 inch a character
+    with drawing(width, size * rows + 0.4 + 0.2 * (title.count('\n') + 1)) as fig:
+        labels = [label(c, space=True) for c in chars]
+        ticks = range(0, T, math.ceil(T / 48))  # at most 48 labels on an axis
+        for r, heads in enumerate(maps.values()):
+            for c, (name, wei) in enumerate(heads):
+                ax = fig.add_subplot(rows, cols, r * cols + c + 1)
+                image = ax.imshow(wei.numpy(), cmap='Blues', vmin=0, vmax=1)  # 0 is white: the masked future
+                ax.set_title(name, fontsize=9)
+                ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=7)
+                ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7)
+                ax.set(xlabel='key (attended to)' if r == rows - 1 else '', ylabel='query (attending)' if c == 0 else '')
+        fig.colorbar(image, ax=fig.axes, shrink=0.6, label='attention weight')
+        fig.suptitle(title)
+        save_figure(fig, path)
 
 
 def draw_prompt_attention(model, tokenizer, cfg, device):
@@ -1805,183 +1539,143 @@ def draw_prompt_attention(model, tokenizer, cfg, device):
     block_size = model.config.block_size
     text = cfg.prompt[-block_size:]  # the context the model sees when it samples the next character
     if len(text) < len(cfg.prompt):
-        print(f"attention: the prompt is longer than block_size {block_size}; "
-              f"drawing its last {block_size} characters")
+        print(f"attention: the prompt is longer than block_size {block_size}; drawing its last {block_size} characters")
     idx = torch.tensor([tokenizer.encode(text)], dtype=torch.long, device=device)  # (1,T)
     path = os.path.join(cfg.out_dir, 'attention.png')
-    title = f"{model_shape(model)}\nattention over {quoted(text)}"
+    quoted = label(f"'{text}'")
+    title = f"{model_shape(model)}\nattention over " + '\n'.join(quoted[i:i + 60] for i in range(0, len(quoted), 60))
     draw_attention(attention_maps(model, idx), text, path, title)
     print(f"attention of each head over the prompt: {path}", flush=True)
 
 
-def check_pictures(cfg):
-    """ --attention=True needs a prompt to draw and matplotlib to draw it with """
-    if cfg.attention and not cfg.prompt:
-        die("--attention=True draws each head's attention over the prompt: "
-            "give one, e.g. --prompt=\"ROMEO: \"")
-    if cfg.attention:
-        try:
-            new_figure(1, 1)
-        except ImportError:
-            die("--attention=True draws with matplotlib, which cannot be imported: pip install matplotlib")
-
-
 # ----------------------------------------------------------------------------------------------
-# the command line: --name=value settings, checked before any time is spent
+# the settings: the constants at the top, --name=value on the command line, a resumed run's own
 
-def read_constant_lines(path=__file__):
+# what each setting must be, checked alike whether it was edited at the top or given as --name=value
+RULES = {
+    **dict.fromkeys(('batch_size', 'block_size', 'eval_interval', 'eval_iters', 'n_embd', 'n_head', 'n_layer',
+                     'log_interval', 'gradient_accumulation_steps', 'num_samples'), 'a positive int'),
+    **dict.fromkeys(('max_iters', 'warmup_iters', 'max_new_tokens', 'top_k', 'preview_chars', 'seed'), 'an int >= 0'),
+    **dict.fromkeys(('learning_rate', 'max_time', 'weight_decay', 'grad_clip', 'temperature', 'muon_lr_scale',
+                     'embedding_lr_scale'), 'a number >= 0'),
+    **dict.fromkeys(('dropout', 'beta1', 'beta2', 'muon_momentum'), 'a number at least 0 and below 1'),
+    'min_lr_frac': 'a number from 0 to 1',
+    **dict.fromkeys(('qkv_bias', 'fused_attention', 'attention', 'plot', 'torch_compile'), 'True or False'),
+    **dict.fromkeys(('device', 'input_file', 'data_url', 'data_sha256', 'prompt', 'out_dir'), 'text'),
+    'activation': ('relu', 'gelu'), 'position_embedding': ('learned', 'sinusoidal'), 'optimizer': ('adamw', 'muon'),
+    'init_from': ('scratch', 'resume', 'best'), 'precision': ('auto', 'fp32', 'bf16', 'fp16'),
+}
+
+
+def read_constants(path=__file__):
     """ the constants at the top as {name: (value as written, comment)}, read from this file: --help shows
     the comments, and a resume sees which values were edited """
-    source = open(path, encoding='utf-8').read()
-    block = source.split('# hyperparameters\n', 1)[1].split('# ----', 1)[0]
+    block = open(path, encoding='utf-8').read().split('# hyperparameters\n', 1)[1].split('# ----', 1)[0]
     lines = re.findall(r'^([a-z_0-9]+) = (.*?)(?:  # (.*))?$', block, flags=re.M)
     return {name: (text, comment) for name, text, comment in lines if name != 'cuda'}
 
 
-def read_constants(path=__file__):
-    """ the constants above as {name: comment} """
-    return {name: comment for name, (_, comment) in read_constant_lines(path).items()}
-
-
 def get_config(argv, defaults=None):
     """ the constants, the caller's defaults, then --name=value arguments on top; also the arguments alone """
-    comments = read_constants()
-    config = {name: globals()[name] for name in comments}
+    if isinstance(argv, str):
+        die(f"main takes a list of settings, e.g. main(['--max_iters=200']), not the string {argv!r}")
+    constants = read_constants()
+    config = {name: globals()[name] for name in constants}
     config.update(defaults or {})
     overrides = {}
     for arg in argv:
         if arg in ('-h', '--help'):
-            print_help(config, comments)
+            print(f"usage: python {os.path.basename(sys.argv[0])} [--name=value ...]   (numbers and True/False as "
+                  "Python writes them; text as it is, without quotes)")
+            print('\n'.join(f"  {f'--{k}={v!r}':<28}  {constants[k][1]}" for k, v in config.items()))
+            raise SystemExit(0)
         name, eq, text = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq:
             die(f"cannot read '{arg}': write settings as --name=value, e.g. --max_iters=200 (see --help)")
         if name not in config:
             close = difflib.get_close_matches(name, config, n=3)
-            die(f"unknown setting '{name}'"
-                + (f"; did you mean {', '.join(close)}?" if close else ": see --help"))
-        config[name] = overrides[name] = parse_value(name, text, config[name])
+            die(f"unknown setting '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ": see --help"))
+        try:  # numbers and True/False as Python literals; text as it is, never evaluated
+            value = text if RULES[name] == 'text' or isinstance(RULES[name], tuple) else ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        config[name] = overrides[name] = float(value) if type(value) is int and 'number' in RULES[name] else value
     return SimpleNamespace(**config), overrides
 
 
-def print_help(config, comments):
-    lines = [f"usage: python {os.path.basename(sys.argv[0])} [--name=value ...]   "
-             "(numbers and True/False as Python writes them; text as it is, without quotes)"]
-    lines += [f"  {f'--{k}={v!r}':<28}  {comments.get(k, '')}" for k, v in config.items()]
-    print('\n'.join(lines))
-    raise SystemExit(0)
+def change(name, given):
+    """ how to change a setting: --name=... where it was given on the command line, else its line at the top """
+    return f"change --{name}" if given else f"change the line {name} = ... at the top of the file, or set --{name}"
 
 
-def parse_value(name, text, default):
-    """ text is taken as written; numbers and True/False as Python literals of the constant's type """
-    if isinstance(default, str):
-        return text  # never evaluated
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(default, float) and type(value) is int:
-        value = float(value)
-    if type(value) is not type(default):
-        kind = type(default).__name__
-        die(f"--{name} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind} (like --{name}={default!r}), "
-            f"not '{text}'")
-    return value
-
-
-def check_config(cfg):
+def check_config(cfg, overrides):
     """ refuse settings that cannot work before any data is read or any time is spent """
-    for name, value in vars(cfg).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            die(f"{name} must be a finite number, not {value}")
-    for name in ('block_size', 'n_embd', 'n_head', 'n_layer', 'batch_size', 'gradient_accumulation_steps',
-                 'eval_interval', 'eval_iters', 'log_interval', 'num_samples'):
-        if getattr(cfg, name) <= 0:
-            die(f"{name} must be positive, not {getattr(cfg, name)}")
-    for name in ('max_iters', 'max_time', 'max_new_tokens', 'learning_rate', 'min_lr_frac', 'warmup_iters',
-                 'weight_decay', 'grad_clip', 'temperature', 'top_k', 'preview_chars', 'muon_lr_scale'):
-        if getattr(cfg, name) < 0:
-            die(f"{name} must not be negative, not {getattr(cfg, name)}")
+    for name, rule in RULES.items():
+        value = getattr(cfg, name)
+        if isinstance(rule, tuple):
+            ok, rule = value in rule, f"one of {', '.join(rule)}"
+        elif rule in ('text', 'True or False'):
+            ok = type(value) is (str if rule == 'text' else bool)
+        elif 'int' in rule:
+            ok = type(value) is int and (1 if 'positive' in rule else 0) <= value < 2 ** 63
+        else:
+            ok = type(value) in (int, float) and 0 <= value < math.inf and (
+                'below 1' not in rule or value < 1) and ('to 1' not in rule or value <= 1)
+        if not ok:
+            die(f"{name} must be {rule}, not {value!r}: {change(name, name in overrides)}")
     if cfg.n_embd % cfg.n_head:
-        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}): {head_choices(cfg.n_embd, cfg.n_head)}")
-    if cfg.min_lr_frac > 1:
-        die(f"min_lr_frac ({cfg.min_lr_frac}) must be at most 1: the decay ends at learning_rate times it, and "
-            f"may not rise above learning_rate; 0.1 decays to a tenth, 1.0 keeps the rate flat")
-    for name in ('dropout', 'beta1', 'beta2', 'muon_momentum'):
-        if not 0 <= getattr(cfg, name) < 1:
-            die(f"{name} must be at least 0 and below 1, not {getattr(cfg, name)}")
-    if not 0 <= cfg.seed < 2 ** 63:
-        die(f"seed must be at least 0 and below 2**63, not {cfg.seed}")
+        below = next(h for h in range(cfg.n_head, 0, -1) if cfg.n_embd % h == 0)
+        above = next((h for h in range(cfg.n_head, min(cfg.n_embd, 4 * cfg.n_head) + 1) if cfg.n_embd % h == 0), None)
+        heads = f"n_head={below}" + (f" or {above}" if above and above != below else '')
+        die(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}): set {heads}, or "
+            f"n_embd={-(-cfg.n_embd // cfg.n_head) * cfg.n_head}")
     if 0 < cfg.temperature < 1e-3:
-        die(f"temperature {cfg.temperature} is too small to sample with: "
-            f"use --temperature=0 for greedy decoding")
-    choices = dict(activation=('relu', 'gelu'), position_embedding=('learned', 'sinusoidal'),
-                   optimizer=('adamw', 'muon'), init_from=('scratch', 'resume', 'best'))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            die(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
-    check_pictures(cfg)
+        die(f"temperature {cfg.temperature} is too small to sample with: use --temperature=0 for greedy decoding")
+    if cfg.attention and not cfg.prompt:
+        die("--attention=True draws each head's attention over the prompt: give one, e.g. --prompt=\"ROMEO: \"")
+    if cfg.attention:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            die("--attention=True draws with matplotlib, which cannot be imported: pip install matplotlib")
 
 
 PER_CALL = ('init_from', 'out_dir', 'device', 'attention')  # a call's own settings: where, on what, what for
 
 
-def head_choices(n_embd, n_head):
-    """ what to set when n_head does not divide n_embd: the nearest head counts that do, or the width
-    rounded up to a multiple of n_head """
-    below = next(h for h in range(n_head, 0, -1) if n_embd % h == 0)
-    above = next((h for h in range(n_head, min(n_embd, 4 * n_head) + 1) if n_embd % h == 0), None)
-    heads = f"n_head={below}" + (f" or {above}" if above and above != below else '')
-    return f"set {heads}, or n_embd={-(-n_embd // n_head) * n_head}"
-
-
-def resume_config(cfg, overrides, checkpoint, path, edited=()):
-    """ a resumed run is the same run: the checkpoint's settings, then the command line's and the file's
-    edits since (edited), in one line """
-    saved = {'optimizer': 'adamw', **checkpoint['config']}  # a checkpoint from before Muon: AdamW's state
-    saved.setdefault('embedding_lr_scale', 1.0)  # a checkpoint from before it: its optimizer has no such group
-    if 'min_lr_frac' not in saved and 'min_lr' in saved:  # a checkpoint from before min_lr_frac
-        saved['min_lr_frac'] = saved['min_lr'] / saved['learning_rate'] if saved['learning_rate'] else 1.0
-    shape = checkpoint['model_args']
-
-    def drop(names):  # how to take a setting back: --name, or the line edited at the top of the file
-        return ' '.join(f"{k} = {saved.get(k, shape.get(k))!r} at the top" if k in edited else f"--{k}"
-                        for k in names)
-    fixed = [k for k, v in overrides.items()
-             if k in shape and v != shape[k] and k not in ('dropout', 'fused_attention')]
-    if fixed:
-        die(f"a trained model keeps its shape ({', '.join(f'{k}={shape[k]!r}' for k in fixed)}): "
-            f"{'put back' if set(fixed) <= set(edited) else 'drop'} {drop(fixed)}, or train a new model with "
-            f"another --out_dir")
-    if overrides.get('optimizer', saved['optimizer']) != saved['optimizer']:  # its state fits no other
-        die(f"a run keeps its optimizer ({path} was trained with optimizer={saved['optimizer']!r}): "
-            f"{'put back' if 'optimizer' in edited else 'drop'} {drop(['optimizer'])}, or train a new model "
-            f"with another --out_dir")
-    if overrides.get('max_time', saved.get('max_time')) != saved.get('max_time'):
-        die(f"max_time sets the length of a new run; {path} continues to step {saved['max_iters']}: "
-            f"{'put back' if 'max_time' in edited else 'drop'} {drop(['max_time'])}, and set --max_iters=N to "
-            f"train it longer")
-    loop = ('lr_decay_iters', 'lr_moved', 'planned')  # the loop's state, not settings: see loop_state
-    changed = [f"{k} {saved[k]!r} -> {v!r}" + (' (edited in the file)' if k in edited else '')
-               for k, v in overrides.items() if k in saved and k not in PER_CALL and saved[k] != v]
-    print(f"resuming {path} at step {checkpoint['step']} with its settings"
-          + (f"; changed: {', '.join(changed)}" if changed else ''))
-    kept = {k: v for k, v in saved.items() if k not in PER_CALL + loop}
-    return SimpleNamespace(**{**vars(cfg), **kept, **overrides})
-
-
 def constant_sources(defaults=None):
     """ each setting's source: the text of its line at the top of this file, or, for a setting the script
     gives (bigram.py's defaults), its value; saved with a checkpoint, to see later which lines were edited """
-    sources = {name: text for name, (text, _) in read_constant_lines().items()}
-    return {**sources, **{k: repr(v) for k, v in (defaults or {}).items()}}
+    return {**{name: text for name, (text, _) in read_constants().items()},
+            **{k: repr(v) for k, v in (defaults or {}).items()}}
 
 
-def edited_since(checkpoint, cfg, defaults, overrides):
-    """ the settings whose line (or the script's default) was edited since the checkpoint was saved, with
-    their values now: a resume takes them as it takes --name=value (the command line's own win) """
-    then, now = checkpoint.get('constants') or {}, constant_sources(defaults)
-    return {k: getattr(cfg, k) for k in now
-            if k in then and then[k] != now[k] and k not in overrides and k not in PER_CALL}
+def resume_config(cfg, overrides, checkpoint, path, defaults):
+    """ a resumed run is the same run: the checkpoint's settings, then the file's edits since (a line changed
+    since the checkpoint was saved counts as the same --name=value would) and the command line's, said in one
+    line. Its shape and optimizer stay: a change is refused, given on the command line or, to train, edited """
+    saved, shape, then = checkpoint['config'], checkpoint['model_args'], checkpoint['constants']
+    edited = {k: getattr(cfg, k) for k, v in constant_sources(defaults).items()
+              if then.get(k, v) != v and k not in overrides and k not in PER_CALL}
+    changes = {**edited, **overrides}
+    new = SimpleNamespace(**{**vars(cfg), **{k: v for k, v in saved.items() if k not in PER_CALL}, **changes})
+    check_config(new, overrides)
+    training = trains(new, checkpoint)
+    kept = {**{k: shape[k] for k in SHAPE}, 'optimizer': saved['optimizer']}
+    refused = [k for k in kept if k in changes and changes[k] != kept[k] and (k in overrides or training)]
+    if refused:
+        what = (f"a trained model keeps its shape ({', '.join(f'{k}={kept[k]!r}' for k in refused)})"
+                if refused != ['optimizer'] else f"a run keeps its optimizer ({path} was trained with "
+                f"optimizer={kept['optimizer']!r})")
+        lines, flags = [f"{k} = {kept[k]!r}" for k in refused if k in edited], [k for k in refused if k in overrides]
+        fix = [f"put back {' and '.join([', '.join(lines[:-1]), lines[-1]] if lines[:-1] else lines)} at the top"] if lines else []
+        fix += [f"drop {' '.join(f'--{k}' for k in flags)}"] if flags else []
+        die(f"{what}: {' and '.join(fix)}, or train a new model with another --out_dir")
+    changed = [f"{k} {saved[k]!r} -> {v!r}" + (' (edited in the file)' if k in edited else '')
+               for k, v in changes.items() if k in saved and k not in PER_CALL and saved[k] != v]
+    print(f"resuming {path} at step {checkpoint['step']} with its settings"
+          + (f"; changed: {', '.join(changed)}" if changed else ''))
+    return new
 
 
 def pick_device(name):
@@ -2027,8 +1721,7 @@ def processes_changed(before, now, cfg):
 def no_buffer_sync():
     """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at each
     forward: forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
-    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-    if 'forward_sync_buffers' in parameters:
+    if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
         return dict(forward_sync_buffers=False)
     return dict(broadcast_buffers=False)
 
@@ -2044,38 +1737,15 @@ def check_compile(device):
 
 def end_processes(run):
     """ under torchrun, leave the process group once training is done; this process's rank """
-    rank, world = rank_and_world()
-    if world > 1:
+    if run.world > 1:
         run.model = None  # DistributedDataParallel freed before its process group: left to the exit,
         gc.collect()  # it aborts a process now and then ("terminate called without an active exception")
         torch.distributed.destroy_process_group()
-    return rank
-
-
-def fail_under_torchrun(e):
-    """
-    Under torchrun, an error reads as one line at the end of the output: the root cause in the report torchrun
-    prints when a process fails. die()'s message goes to the error file torchrun gives each process, not to
-    stderr where every process would print it. A process other than the first waits 2 s first: if the first
-    failed too (the same settings, or this one's collective lost it), torchrun stops this one in the meantime
-    and reports the first; otherwise this one's error is reported, as it would be alone.
-    """
-    if 'TORCHELASTIC_RUN_ID' not in os.environ or isinstance(e, SystemExit) and not isinstance(e.code, str):
-        return  # not under torchrun, or an exit that is not an error message (SIGTERM's 143, --help)
-    if os.environ.get('RANK', '0') != '0':
-        time.sleep(2)
-    if isinstance(e, SystemExit) and os.environ.get('TORCHELASTIC_ERROR_FILE'):
-        try:
-            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
-                message = dict(message=e.code, extraInfo=dict(timestamp=str(int(time.time()))))
-                json.dump(dict(message=message), f)
-        except OSError:
-            return  # printed on stderr after all
-        raise SystemExit(1) from None
+    return run.rank
 
 
 # ----------------------------------------------------------------------------------------------
-# errors, signals and the console: one-line errors, a stop that saves, output that never breaks a run
+# errors, signals and the script's entry: one-line errors, a stop that saves, a reader that goes away
 
 def die(message):
     """ stop with a one-line message for the user, no traceback: every failure a user can cause """
@@ -2093,79 +1763,68 @@ def shown(text):
 
 
 @contextmanager
-def stop_on_signals(stop):
+def stop_on_signals(run, cfg):
     """
-    Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save, each
-    signal appended to stop. SIGTERM comes in twos and threes (a scheduler signals every process of a
-    job, and torchrun passes each one on): any number are one stop, and a process stopped by it
-    ignores more up to its exit (a scheduler that wants it gone sooner sends SIGKILL; a caller of
-    main() that goes on after its SystemExit(143) has SIGTERM ignored). A second Ctrl-C, from a
-    person, quits at once. Python takes signals in the main thread only; a notebook gets its Ctrl-C
-    handler back.
+    Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save, each signal
+    appended to run.signals. SIGTERM comes in twos and threes (a scheduler signals every process of a job,
+    and torchrun passes each one on): any number are one stop, and a process stopped by it ignores more up
+    to its exit. A second Ctrl-C, from a person, quits at once. A reader that goes away (python gpt.py | head)
+    stops it as SIGTERM does, saved. Python takes signals in the main thread only; a notebook gets its
+    Ctrl-C handler back.
     """
     def on_signal(signum, frame):
-        if signum == signal.SIGTERM and signum in stop:  # the same stop, asked again
+        if signum == signal.SIGTERM and signum in run.signals:  # the same stop, asked again
             return
-        stop.append(signum)
+        run.signals.append(signum)
         if signum == signal.SIGINT:
             signal.signal(signum, signal.default_int_handler)
-            print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit at once)",
-                  flush=True)
+            print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit at once)", flush=True)
         else:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving", flush=True)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield stop
+        yield
+    except BrokenPipeError:  # the Python docs' recipe: the rest of the output goes nowhere, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        run.signals.append(signal.SIGTERM)
+        if run.rank == 0 and run.saved_step != run.step and run.optimizer:
+            save_checkpoint(run.ckpt_path, run, cfg)
+        raise SystemExit(128 + signal.SIGTERM)
     finally:
-        # a run stopped by SIGTERM is on its way out (main() exits 143): SIGTERM is ignored up to
-        # the exit, Python's shutdown included (where it would be SIGTERM's default again)
+        # a run stopped by SIGTERM is on its way out (main() exits 143): SIGTERM is ignored up to the exit,
+        # Python's shutdown included (where it would be SIGTERM's default again)
         for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and sig in stop else handler)
-
-
-class Console:
-    """ python gpt.py's output: a character the console cannot show prints as '?', and a reader that goes away
-    (python gpt.py | head) stops the run as SIGTERM does, saved and without a traceback """
-
-    def __init__(self, stream):
-        if hasattr(stream, 'reconfigure'):
-            stream.reconfigure(errors='replace')
-        self.stream = stream
-
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            self.reader_gone()
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            self.reader_gone()
-
-    def reader_gone(self):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # the rest goes nowhere, quietly
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and sig in run.signals else handler)
 
 
 def run_script(main_function, **kwargs):
-    """ python gpt.py, bigram.py and lecture_steps.py all start here: main_function(argv) with the
-    clock from the script's start, output that never breaks the run (Console), a quiet exit on a
-    second Ctrl-C, and an error as torchrun reports it """
-    sys.stdout = Console(sys.stdout)
+    """ python gpt.py, bigram.py and lecture_steps.py all start here: main_function(argv) with the clock from
+    the script's start, a character the console cannot show printed as '?', a quiet exit on a second Ctrl-C
+    or a reader gone, and an error as torchrun reports it """
+    sys.stdout.reconfigure(errors='replace')
     try:
         main_function(sys.argv[1:], t_begin=started, **kwargs)
     except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
         raise SystemExit(130)
+    except BrokenPipeError:  # the reader went away while the model sampled: the rest goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGTERM)
     except BaseException as e:
-        fail_under_torchrun(e)
+        # Under torchrun an error reads as one line at the end of the output, the root cause of torchrun's
+        # report: the message goes to the error file torchrun gives each process, not to stderr, where every
+        # process would print it. A process other than the first waits 2 s, so that torchrun reports the
+        # first one's error where both failed (the same settings, or a collective the first one left)
+        error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
+        if not error_file or isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise
+        if os.environ.get('RANK', '0') != '0':
+            time.sleep(2)
+        if isinstance(e, SystemExit):
+            with open(error_file, 'w') as f:
+                json.dump(dict(message=dict(message=e.code, extraInfo=dict(timestamp=str(int(time.time()))))), f)
+            raise SystemExit(1) from None
         raise
 
 

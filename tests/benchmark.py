@@ -145,7 +145,7 @@ def main():
     ours_opt = gpt.configure_optimizer(ours, cfg, device)
     lecture = LectureGPT(a.vocab_size, a.n_embd, a.n_head, a.n_layer, a.block_size, a.dropout).to(device)
     lecture_opt = torch.optim.AdamW(lecture.parameters(), lr=3e-4)
-    ctx, scaler = gpt.autocast(device)  # gpt.py's precision: bf16, fp16 with its GradScaler, or fp32
+    ctx, scaler = gpt.autocast(device, cfg, ours)  # gpt.py's precision: bf16, fp16 with its GradScaler, or fp32
 
     def train_ours(x, y):
         with ctx:

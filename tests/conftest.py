@@ -11,10 +11,14 @@ sys.path.insert(0, ROOT)
 
 import gpt  # noqa: E402  (importable once ROOT is on the path)
 
-# a model small enough that a whole run takes a second or two on a CPU
+# tiny models run best on one thread, and the tests run side by side (pytest -n 2): the runs in this process
+# and, by OMP_NUM_THREADS, those started as scripts
+torch.set_num_threads(1)
+
+# a model small enough that a whole run takes a second or two on a CPU; loss.png is drawn where a test asks
 TINY = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4',
         '--max_iters=20', '--eval_interval=10', '--eval_iters=2', '--log_interval=10', '--warmup_iters=2',
-        '--max_new_tokens=30']
+        '--max_new_tokens=30', '--plot=False']
 
 
 @pytest.fixture

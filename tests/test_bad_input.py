@@ -19,8 +19,8 @@ from test_cli import one_line_error
 @pytest.mark.parametrize('args, expected', [
     (['--input_file=nothere.txt'], 'nothere.txt'),
     (['--n_embd=30', '--n_head=4'], 'divisible'),
-    (['--n_layer=0'], 'n_layer must be positive'),
-    (['--batch_size=-2'], 'batch_size must be positive'),
+    (['--n_layer=0'], 'n_layer must be a positive int, not 0: change --n_layer'),
+    (['--batch_size=-2'], 'batch_size must be a positive int'),
     (['--dropout=1.0'], 'dropout'),
     (['--device=cuda:7'], "device 'cuda:7' is not available"),
     (['--device=tpu'], 'device'),
@@ -37,18 +37,18 @@ def test_bad_settings_stop_before_training_with_one_line(workdir, args, expected
 
 
 @pytest.mark.parametrize('args, expected', [
-    (['--beta1=1.5'], 'beta1 must be at least 0 and below 1'),
-    (['--beta2=-1'], 'beta2 must be at least 0 and below 1'),
+    (['--beta1=1.5'], 'beta1 must be a number at least 0 and below 1'),
+    (['--beta2=-1'], 'beta2 must be a number at least 0 and below 1'),
     (['--seed=18446744073709551616'], 'seed must be'),
     (['--temperature=1e-40'], '--temperature=0'),
-    (['--learning_rate=1e999'], 'learning_rate must be a finite number'),
+    (['--learning_rate=1e999'], 'learning_rate must be a number >= 0, not inf'),
     (['--input_file=.'], "input file '.'"),
     (['--max_iter=5'], "did you mean max_iters"),
     (['--zzzz=5'], "unknown setting 'zzzz': see --help"),
-    (['--max_iters=lots'], 'takes an int'),
+    (['--max_iters=lots'], "max_iters must be an int >= 0, not 'lots'"),
     (['--n_embd=96', '--n_head=5'], 'must be divisible by n_head (5): set n_head=4 or 6, or n_embd=100'),
     (['--n_embd=30', '--n_head=4'], 'set n_head=3 or 5, or n_embd=32'),
-    (['--min_lr_frac=1.5'], 'min_lr_frac (1.5) must be at most 1'),
+    (['--min_lr_frac=1.5'], 'min_lr_frac must be a number from 0 to 1, not 1.5'),
     (['--min_lr=1e-2'], 'did you mean min_lr_frac'),
 ])
 def test_settings_that_cannot_work_are_one_line(workdir, monkeypatch, args, expected):
@@ -114,6 +114,17 @@ def test_a_checkpoint_trained_on_another_vocabulary(trained):
     assert snapshot(trained) == before
 
 
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(trained):
+    path = trained / 'out' / 'ckpt.pt'
+    old = torch.load(path, weights_only=True)
+    del old['format']  # as a gpt.py from before the format number wrote it
+    torch.save(old, path)
+    before = snapshot(trained)
+    line = one_line_error(run_script(trained, *TINY, '--init_from=resume', '--max_iters=30'))
+    assert 'is a checkpoint of format None, and this gpt.py reads format 1' in line and '--out_dir' in line
+    assert snapshot(trained) == before
+
+
 def test_a_checkpoint_of_another_model(trained):
     line = one_line_error(run_script(trained, '--device=cpu', '--out_dir=out', '--init_from=resume',
                                      '--max_iters=0', script='bigram.py'))
@@ -155,9 +166,9 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, monke
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=8, n_head=2, n_layer=1))
     optimizer = torch.optim.AdamW(model.parameters())
     cfg, _ = gpt.get_config([])
-    run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, optimizer=optimizer, text={}, world=1,
-                              tokenizer=gpt.CharTokenizer('abc'), max_iters=20, lr_decay_iters=20, lr_moved=None, planned=True, constants={},
-                              scaler=torch.amp.GradScaler('cpu', enabled=False))
+    run = gpt.LoopState(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, optimizer=optimizer,
+                        tokenizer=gpt.CharTokenizer('abc'), max_iters=20, constants={},
+                        scaler=torch.amp.GradScaler('cpu', enabled=False))
     with pytest.raises(SystemExit, match='previous checkpoint is intact'):
         gpt.save_checkpoint(path, run, cfg)
     assert open(path, 'rb').read() == before
@@ -192,10 +203,9 @@ def test_a_full_disk_when_a_checkpoint_is_written_says_so(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, 'save', torch_on_a_full_disk)
     monkeypatch.setattr(gpt.shutil, 'disk_usage', lambda p: namedtuple('usage', 'total used free')(1, 1, 0))
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=8, n_head=2, n_layer=1))
-    run = gpt.SimpleNamespace(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model, text={}, world=1,
-                              optimizer=torch.optim.AdamW(model.parameters()), tokenizer=gpt.CharTokenizer('abc'),
-                              max_iters=20, lr_decay_iters=20, lr_moved=None, planned=True, constants={},
-                              scaler=torch.amp.GradScaler('cpu', enabled=False))
+    run = gpt.LoopState(step=1, best_val_loss=2.0, elapsed=1.0, raw_model=model,
+                        optimizer=torch.optim.AdamW(model.parameters()), tokenizer=gpt.CharTokenizer('abc'),
+                        max_iters=20, constants={}, scaler=torch.amp.GradScaler('cpu', enabled=False))
     with pytest.raises(SystemExit) as e:
         gpt.save_checkpoint(str(tmp_path / 'ckpt.pt'), run, gpt.get_config([])[0])
     assert 'no space left on the disk' in str(e.value) and 'enforce' not in str(e.value)

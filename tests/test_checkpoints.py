@@ -55,7 +55,8 @@ def test_sampling_from_a_checkpoint_follows_the_seed(workdir, monkeypatch, capsy
 # a resume is the same run
 
 def test_ctrl_c_saves_and_samples_and_resume_is_exact(workdir):
-    args = [*TINY, '--max_iters=600', '--eval_interval=200', '--log_interval=50', '--max_new_tokens=20']
+    # --max_time=0: max_iters ends the run, so no step's rate depends on the clock
+    args = [*TINY, '--max_iters=600', '--eval_interval=200', '--log_interval=50', '--max_new_tokens=20', '--max_time=0']
     whole = run_script(workdir, *args, '--out_dir=whole')
     assert whole.returncode == 0, whole.stderr
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'gpt.py'), *args, '--out_dir=cut'], cwd=workdir,
@@ -82,7 +83,7 @@ def test_ctrl_c_saves_and_samples_and_resume_is_exact(workdir):
 
 
 def test_a_sinusoidal_model_trains_resumes_exactly_and_remembers_its_embedding(workdir):
-    args = [*TINY, '--position_embedding=sinusoidal', '--max_iters=60', '--eval_interval=20']
+    args = [*TINY, '--position_embedding=sinusoidal', '--max_iters=60', '--eval_interval=20', '--max_time=0']
     stop_at_step_30 = f"""
 import os, signal, gpt
 get_lr = gpt.get_lr

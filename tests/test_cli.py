@@ -96,7 +96,7 @@ def test_wrong_type_is_refused(workdir):
     line = one_line_error(run_script(workdir, '--max_iters=lots'))
     assert 'int' in line and 'max_iters' in line
     line = one_line_error(run_script(workdir, '--qkv_bias=1'))
-    assert 'bool' in line
+    assert 'qkv_bias must be True or False, not 1' in line
 
 
 def test_values_are_literals_never_code(workdir):

@@ -141,13 +141,13 @@ def test_preparations_never_share_a_temporary_file(tmp_path):
 
 def test_an_interrupted_preparation_leaves_no_file_behind(tmp_path, monkeypatch):
     (tmp_path / 'in.txt').write_text('abc' * 100, encoding='utf-8')
-    calls = []
-    def interrupted(text):
-        calls.append(text)
+    calls, read = [], gpt.read_text_chunks
+    def interrupted(path):
+        calls.append(path)
         if len(calls) == 2:  # in the second pass, while writing
             raise KeyboardInterrupt
-        return gpt.np.frombuffer(text.encode('utf-32-le'), dtype=gpt.np.uint32)
-    monkeypatch.setattr(gpt, 'code_points', interrupted)
+        return read(path)
+    monkeypatch.setattr(gpt, 'read_text_chunks', interrupted)
     with pytest.raises(KeyboardInterrupt):
         gpt.prepare_data(str(tmp_path / 'in.txt'), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ['in.txt']
@@ -173,30 +173,33 @@ def test_split_is_90_10_and_targets_are_inputs_shifted_by_one(tmp_path):
 # the final loss over the val split
 
 def test_the_final_loss_reads_every_window_of_a_small_split_and_spread_windows_of_a_big_one():
-    starts, n = gpt.final_windows(np.zeros(111_541), 64)  # tiny Shakespeare's val split
+    starts, n = gpt.final_windows(111_541, 64)  # tiny Shakespeare's val split
     assert n == len(starts) == 1742 and list(starts[:3]) == [0, 64, 128]
-    starts, n = gpt.final_windows(np.zeros(10_000_001), 64)  # a 100 MB text's
+    starts, n = gpt.final_windows(10_000_001, 64)  # a 100 MB text's
     assert len(starts) == (1 << 17) // 64 and n == 156_250
     assert starts[0] == 0 and starts[-1] == (n - 1) * 64 and (np.diff(starts) > 0).all()
     assert np.ptp(np.diff(starts)) <= 64  # evenly spread
 
 
-def test_the_final_loss_is_the_exact_mean_over_a_small_split():
+def test_the_final_loss_is_the_exact_mean_over_a_small_split_and_a_stop_skips_it(capsys):
     torch.manual_seed(0)
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=5, block_size=8, n_embd=8, n_head=2, n_layer=1))
     data = np.random.default_rng(0).integers(0, 5, 1001).astype(np.uint16)
-    cfg = gpt.SimpleNamespace(block_size=8, batch_size=3)
-    whole = gpt.whole_split_loss(model, data, cfg, torch.device('cpu'), gpt.nullcontext())
+    cfg = gpt.SimpleNamespace(block_size=8, batch_size=3)  # batches of 12 windows: the last one has 5
+    run = gpt.LoopState(model=model, splits={'val': data}, device=torch.device('cpu'), ctx=gpt.nullcontext(),
+                        signals=[2])  # a stop that came before does not count
+    whole = gpt.final_loss(run, cfg)
     x = torch.from_numpy(data[:1000].astype(np.int64)).view(-1, 8)
     y = torch.from_numpy(data[1:1001].astype(np.int64)).view(-1, 8)
     assert whole == pytest.approx(model(x, y)[1].item(), abs=1e-5)
-    assert gpt.whole_split_loss(model, data, cfg, torch.device('cpu'), gpt.nullcontext(), stop=[2]) == whole
+    assert 'val loss over the whole split' in capsys.readouterr().out
 
     class StopWhileItRuns(list):  # no stop when the pass begins, one from its first batch on
         def __len__(self):
             self.looks = getattr(self, 'looks', 0) + 1
             return int(self.looks > 1)
-    assert gpt.whole_split_loss(model, data, cfg, torch.device('cpu'), gpt.nullcontext(), StopWhileItRuns()) is None
+    run.signals = StopWhileItRuns()
+    assert gpt.final_loss(run, cfg) is None and 'is skipped: stopped' in capsys.readouterr().out
 
 
 def test_a_big_texts_final_line_says_it_read_spread_windows(workdir):

@@ -65,16 +65,6 @@ def test_one_rate_for_every_weight_when_the_tables_scale_is_1():
     assert len(opt.param_groups) == 2 and {g['lr'] for g in opt.param_groups} == {1e-3}  # as before the scale
 
 
-def test_a_checkpoint_from_before_the_tables_scale_resumes_with_one_rate(workdir, monkeypatch):
-    monkeypatch.chdir(workdir)
-    gpt.main([*TINY, '--embedding_lr_scale=1.0'])
-    ckpt = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
-    del ckpt['config']['embedding_lr_scale']  # as gpt.py wrote it before it had the setting
-    torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
-    gpt.main(['--device=cpu', '--init_from=resume', '--max_iters=30'])
-    assert torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)['config']['embedding_lr_scale'] == 1.0
-
-
 def test_a_muon_run_saves_its_state_and_a_resume_keeps_the_optimizer(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     gpt.main([*TINY, '--optimizer=muon'])
@@ -84,16 +74,6 @@ def test_a_muon_run_saves_its_state_and_a_resume_keeps_the_optimizer(workdir, mo
     with pytest.raises(SystemExit, match='optimizer'):
         gpt.main(['--device=cpu', '--init_from=resume', '--max_iters=30', '--optimizer=adamw'])
     gpt.main(['--device=cpu', '--init_from=resume', '--max_iters=30'])
-
-
-def test_a_checkpoint_from_before_muon_resumes_with_adamw(workdir, monkeypatch):
-    monkeypatch.chdir(workdir)
-    gpt.main([*TINY, '--optimizer=adamw'])
-    ckpt = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
-    del ckpt['config']['optimizer']  # as gpt.py wrote it before it had Muon
-    torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
-    gpt.main(['--device=cpu', '--init_from=resume', '--max_iters=30'])
-    assert torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)['config']['optimizer'] == 'adamw'
 
 
 def test_the_schedule_reaches_an_optimizer_loaded_from_a_checkpoint():

@@ -1,5 +1,6 @@
-""" the precision of a run: bf16 where the GPU has it in hardware, fp16 with a GradScaler on older GPUs,
-fp32 on CPU and MPS; the scaler's skipped steps, its state in the checkpoint, and an exact resume """
+""" the precision of a run: bf16 where the GPU has it in hardware, fp16 with a GradScaler on older GPUs; on a
+CPU, bf16 where it has bf16 in hardware and the model is wide, else fp32; fp32 on MPS; the scaler's skipped steps,
+its state in the checkpoint, and an exact resume in each precision """
 import copy
 import math
 import os
@@ -38,9 +39,12 @@ def tf32_restored():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def device_line(device, capsys):
-    model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=4, n_head=1, n_layer=1))
-    gpt.describe(model, gpt.CharTokenizer('abc'), device)
+def a_model(n_embd=4):
+    return gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=3, block_size=4, n_embd=n_embd, n_head=1, n_layer=1))
+
+
+def device_line(device, capsys, model=None, argv=()):
+    gpt.describe(model or a_model(), gpt.CharTokenizer('abc'), device, gpt.get_config(list(argv))[0])
     return capsys.readouterr().out.splitlines()[0]
 
 
@@ -48,28 +52,56 @@ def device_line(device, capsys):
 def test_bf16_needs_compute_capability_8_older_gpus_take_fp16(monkeypatch, capsys, tf32_restored, capability,
                                                               name, kind, line):
     a_gpu(monkeypatch, capability, name)
-    cuda = torch.device('cuda')
-    assert gpt.precision(cuda) == kind
-    assert device_line(cuda, capsys) == line
+    cuda, cfg, model = torch.device('cuda'), gpt.get_config([])[0], a_model()
+    assert gpt.pick_precision(cuda, cfg, model)[0] == kind
+    assert device_line(cuda, capsys).startswith(line + ' (the GPU ')
     monkeypatch.setattr(torch, 'autocast', lambda device_type, dtype: (device_type, dtype))
     monkeypatch.setattr(torch.amp, 'GradScaler', lambda device, enabled: (device, enabled))
-    ctx, scaler = gpt.autocast(cuda)
+    ctx, scaler = gpt.autocast(cuda, cfg, model)
     assert ctx == ('cuda', dict(bf16=torch.bfloat16, fp16=torch.float16)[kind])
     assert scaler == ('cuda', kind == 'fp16')  # a GradScaler in fp16 only
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
-@pytest.mark.parametrize('device, line', [('cpu', 'device: cpu, fp32, {} CPU threads'),
-                                          ('mps', 'device: mps, fp32')])
-def test_cpu_and_mps_stay_fp32(monkeypatch, capsys, tf32_restored, device, line):
+def test_a_precision_the_device_cannot_run_is_refused_in_one_line(monkeypatch, tf32_restored):
+    a_gpu(monkeypatch, (7, 5), 'Tesla T4')
+    cfg = gpt.get_config(['--precision=bf16'])[0]
+    with pytest.raises(SystemExit, match='Tesla T4 has no bf16 in hardware: use --precision=fp16'):
+        gpt.pick_precision(torch.device('cuda'), cfg, a_model())
+    with pytest.raises(SystemExit, match="precision 'bf16' is not run on Apple MPS"):
+        gpt.pick_precision(torch.device('mps'), cfg, a_model())
+
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 {}\n"
+
+
+@pytest.mark.parametrize('flags, n_embd, kind', [
+    ('avx512f', 384, 'fp32'),  # no bf16 in hardware: fp32 whatever the model (a Zen 3, an older Xeon)
+    ('avx512f avx512_bf16', 384, 'bf16'),  # a Zen 4 or 5: bf16 for a wide model
+    ('amx_bf16 amx_tile', 384, 'bf16'),  # a Xeon with AMX
+    ('avx512f avx512_bf16', 96, 'fp32'),  # the CPU default's 96 wide: fp32 is faster
+])
+def test_auto_takes_bf16_on_a_cpu_only_where_it_has_bf16_and_the_model_is_wide(tmp_path, monkeypatch, capsys,
+                                                                              flags, n_embd, kind):
+    (tmp_path / 'cpuinfo').write_text(CPUINFO.format(flags))
+    monkeypatch.setattr(gpt, 'CPUINFO', str(tmp_path / 'cpuinfo'))
+    model, cpu = a_model(n_embd), torch.device('cpu')
+    assert gpt.pick_precision(cpu, gpt.get_config([])[0], model)[0] == kind
+    line = device_line(cpu, capsys, model)
+    assert line.startswith(f"device: cpu, {gpt.PRECISIONS[kind]} (") and 'CPU threads' in line
+    assert gpt.pick_precision(cpu, gpt.get_config(['--precision=fp32'])[0], model)[0] == 'fp32'  # asked for
+
+
+def test_mps_stays_fp32(monkeypatch, capsys, tf32_restored):
     a_gpu(monkeypatch, (9, 0), 'NVIDIA H200')  # whatever GPU the machine also has
-    device, line = torch.device(device), line.format(torch.get_num_threads())
-    assert gpt.precision(device) == 'fp32' and device_line(device, capsys) == line
-    if device.type == 'cpu':
-        ctx, scaler = gpt.autocast(device)
-        assert isinstance(ctx, gpt.nullcontext) and not scaler.is_enabled()
-        loss = torch.tensor(2.5)
-        assert scaler.scale(loss) is loss and scaler.get_scale() == 1.0 and scaler.state_dict() == {}
+    assert device_line(torch.device('mps'), capsys) == 'device: mps, fp32 (Apple MPS)'
+
+
+def test_fp32_passes_everything_through():
+    ctx, scaler = gpt.autocast(torch.device('cpu'), gpt.get_config(['--precision=fp32'])[0], a_model())
+    assert isinstance(ctx, gpt.nullcontext) and not scaler.is_enabled()
+    loss = torch.tensor(2.5)
+    assert scaler.scale(loss) is loss and scaler.get_scale() == 1.0 and scaler.state_dict() == {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +110,6 @@ def test_cpu_and_mps_stay_fp32(monkeypatch, capsys, tf32_restored, device, line)
 
 FP16 = """
 import functools, os, signal, sys, torch, gpt
-gpt.precision = lambda device: 'fp16'
 # a scale too large for the first steps and quick to grow: steps overflow and are skipped all along the run
 torch.amp.GradScaler = functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 24, growth_interval=4)
 get_lr = gpt.get_lr
@@ -116,7 +147,7 @@ def same(a, b):
 
 def test_an_fp16_run_saves_its_scaler_and_resumes_exactly(workdir):
     args = [*TINY, '--max_iters=30', '--eval_interval=10', '--preview_chars=0', '--plot=False',
-            '--max_new_tokens=5']
+            '--max_new_tokens=5', '--precision=fp16']
     whole = run_fp16(workdir, *args, '--out_dir=whole')
     assert 'device: cpu, fp16 autocast + GradScaler' in whole.stdout
     cut = run_fp16(workdir, *args, '--out_dir=cut', stop_at=14)
@@ -125,21 +156,15 @@ def test_an_fp16_run_saves_its_scaler_and_resumes_exactly(workdir):
     assert stopped['step'] == 15
     assert stopped['scaler'].keys() >= {'scale', '_growth_tracker', 'growth_interval'}
     assert stopped['scaler']['scale'] < 2.0 ** 24  # steps were skipped: the scale came down
-    (workdir / 'old').mkdir()  # the same checkpoint as one from before the scaler was saved
-    torch.save({k: v for k, v in stopped.items() if k != 'scaler'}, workdir / 'old' / 'ckpt.pt')
     resumed = run_fp16(workdir, '--device=cpu', '--init_from=resume', '--out_dir=cut')
-    old = run_fp16(workdir, '--device=cpu', '--init_from=resume', '--out_dir=old')
-    a, b, c = (load(workdir / d / 'ckpt.pt') for d in ('whole', 'cut', 'old'))
-    assert a['step'] == b['step'] == c['step'] == 30
+    a, b = (load(workdir / d / 'ckpt.pt') for d in ('whole', 'cut'))
+    assert a['step'] == b['step'] == 30
     assert a['scaler'] == b['scaler'] and a['scaler']['scale'] < 2.0 ** 24
     for name in a['model']:
         assert torch.equal(a['model'][name], b['model'][name]), name
     assert same(a['optimizer'], b['optimizer'])
     later = STEP_LINE.findall(resumed.stdout)
     assert later and set(later) <= set(STEP_LINE.findall(whole.stdout))
-    # the old checkpoint resumes too, with a new scaler: its first steps overflow again, and the run differs
-    assert c['scaler']['scale'] < 2.0 ** 24 and STEP_LINE.findall(old.stdout)
-    assert any(not torch.equal(a['model'][name], c['model'][name]) for name in a['model'])
 
 
 def fp16_run(monkeypatch, workdir, *args, inf_grad_at=(), nan_loss_at=()):
@@ -147,7 +172,6 @@ def fp16_run(monkeypatch, workdir, *args, inf_grad_at=(), nan_loss_at=()):
     during backward, as an overflow would, at nan_loss_at the training loss becomes NaN; returns, after
     each step, (the weights, the optimizer's state, the scale, the loss, the optimizer's class) """
     monkeypatch.chdir(workdir)
-    monkeypatch.setattr(gpt, 'precision', lambda device: 'fp16')
     step, after = [None], []
     get_lr, build_model, after_step = gpt.get_lr, gpt.build_model, gpt.after_step
     def at_step(s, cfg, *end):
@@ -168,7 +192,8 @@ def fp16_run(monkeypatch, workdir, *args, inf_grad_at=(), nan_loss_at=()):
     monkeypatch.setattr(gpt, 'get_lr', at_step)
     monkeypatch.setattr(gpt, 'build_model', with_hooks)
     monkeypatch.setattr(gpt, 'after_step', spy)
-    gpt.main([*TINY, '--eval_interval=100', '--preview_chars=0', '--plot=False', '--max_new_tokens=5', *args])
+    gpt.main([*TINY, '--eval_interval=100', '--preview_chars=0', '--plot=False', '--max_new_tokens=5',
+              '--precision=fp16', *args])
     return after
 
 
@@ -195,3 +220,15 @@ def test_a_diverged_fp16_run_is_still_reported(monkeypatch, workdir):
     with pytest.raises(SystemExit) as e:
         fp16_run(monkeypatch, workdir, '--max_iters=30', nan_loss_at={5})
     assert str(e.value.code).startswith('error: the loss became nan at step 6;')
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp32'])
+def test_a_run_cut_and_resumed_equals_the_whole_run_in_each_precision(workdir, precision):
+    args = [*TINY, '--max_iters=30', '--eval_interval=10', '--max_new_tokens=5', '--max_time=0',
+            f'--precision={precision}']
+    whole = run_fp16(workdir, *args, '--out_dir=whole')
+    assert f'device: cpu, {gpt.PRECISIONS[precision]} (precision=' in whole.stdout
+    run_fp16(workdir, *args, '--out_dir=cut', stop_at=14)
+    run_fp16(workdir, '--device=cpu', '--init_from=resume', '--out_dir=cut')
+    a, b = (load(workdir / d / 'ckpt.pt') for d in ('whole', 'cut'))
+    assert a['step'] == b['step'] == 30 and same(a['model'], b['model']) and same(a['optimizer'], b['optimizer'])
