@@ -807,7 +807,9 @@ class LoopState:
     best_val_loss: float = float('inf')  # best.pt's val loss
     elapsed: float = 0.0  # seconds trained, evaluations and resumes included
     setup_s: float = 0.0  # seconds from the script's start to the first step: loading torch, data, model
-    end_s: float = 0.0  # seconds the end needs: the last evaluation, the whole-split loss, the sample
+    end_s: float = 0.0  # seconds the end needs (the last evaluation, the whole-split loss, the sample)
+    step_s: float = 0.0  # seconds a step takes now: an average over the last ~20 steps
+    end_step_s: float = 0.0  # step_s when end_s was measured: the end slows down as the steps do
     # this call
     training: bool = True  # any steps to take?
     resumed_at: int = None  # the checkpoint's step: evaluated and saved already
@@ -838,7 +840,8 @@ class LoopState:
     ckpt_path: str = None  # out_dir/ckpt.pt, the latest model (out_dir/best.pt: the best val loss)
 
 
-SAVED = ('step', 'max_iters', 'progress', 'warm_progress', 'best_val_loss', 'elapsed', 'setup_s', 'end_s')
+SAVED = ('step', 'max_iters', 'progress', 'warm_progress', 'best_val_loss', 'elapsed', 'setup_s', 'end_s', 'step_s',
+         'end_step_s')
 
 
 def loop_state(cfg, checkpoint, device, t_begin, defaults=None):
@@ -878,13 +881,15 @@ def micro_batches(run, xb, yb, accum):
 
 
 def after_step(run, cfg, loss):
-    """
-    After a step: the loss and the stops shared by all processes, a NaN, the run's progress and its end.
-    The time budget is this one rule: progress is the larger of step / max_iters and the share of max_time
-    spent (time_spent), it never goes back, and the step at which it reaches 1 is the last.
-    """
+    """ after a step: the loss and the stops, shared by all processes; a NaN; the run's progress, and its end.
+    The time budget is one rule: progress is the larger of step / max_iters and the share of max_time spent
+    (time_spent), it never goes back, and the step at which it reaches 1 is the last """
     now = time.time()
-    lossf, spent = loss.item(), time_spent(run, cfg, now, next_s=now - run.t_step)
+    dt = now - run.t_step  # this step's seconds, evaluations left out
+    run.step_s = 0.95 * run.step_s + 0.05 * dt if run.step_s else dt
+    if not run.end_step_s and run.step >= (run.resumed_at or 0) + 20:  # the first steps are slow: warming up
+        run.end_step_s = run.step_s
+    lossf, spent = loss.item(), time_spent(run, cfg, now, next_s=dt)
     if run.world > 1:  # the mean loss, a signal to any process, and the first process's clock
         sigterm, sigint = signal.SIGTERM in run.signals, signal.SIGINT in run.signals
         lossf, sigterm, sigint, spent = summed(run, lossf / run.world, sigterm, sigint, spent if run.rank == 0 else 0)
@@ -921,16 +926,18 @@ def print_progress(run, cfg, lossf, now, spent):
 
 def time_spent(run, cfg, now, next_s=0.0):
     """ the share of max_time spent: the seconds trained, and next_s (a step as long as the last), over the
-    seconds available to train: max_time less the start (run.setup_s) and what the end needs, as measured """
+    seconds available to train: max_time less the start (run.setup_s) and what the end needs, as measured,
+    and longer where the steps have slowed down since (a busy machine slows the end alike) """
     if not cfg.max_time:
         return 0.0
-    available = cfg.max_time - run.setup_s - run.end_s
+    slower = max(1.0, run.step_s / run.end_step_s) if run.end_step_s else 1.0
+    available = 0.99 * cfg.max_time - run.setup_s - run.end_s * slower  # 1% kept for what varies
     return (now - run.t_start + next_s) / available if available > 0 else math.inf
 
 
 def after_evaluation(run, cfg, losses, last_step):
-    """ after an evaluation: the preview, checkpoints, at the last step the whole-split loss, a log.csv row; each
-    timed, for what the end of a time budget needs (run.end_s). A budget too short for one step ends here """
+    """ after an evaluation: the preview, checkpoints, at the last step the whole-split loss, a log.csv row, the
+    picture; each timed, for what the end of a time budget needs (run.end_s). A budget too short ends here """
     estimate_s, t0 = time.time() - run.t_step, time.time()
     if cfg.preview_chars:
         print('  ' + preview(run, cfg), flush=True)
@@ -943,13 +950,13 @@ def after_evaluation(run, cfg, losses, last_step):
         if run.step > (run.resumed_at or 0):
             save_checkpoint(run.ckpt_path, run, cfg)
             run.saved_step = run.step
-    run.end_s = end_seconds(run, cfg, estimate_s, char_s)
     if run.resumed_at is None and run.step == 0:  # the share of max_time is counted from the first step on
         run.setup_s, run.t_start = time.time() - run.t_begin, time.time()
-        if summed(run, run.rank == 0 and 0 < cfg.max_time <= run.setup_s + run.end_s)[0]:
+        end_s = end_seconds(run, cfg, estimate_s, char_s)
+        if summed(run, run.rank == 0 and 0 < cfg.max_time <= run.setup_s + end_s)[0]:
             print(f"time budget {cfg.max_time:g} s cannot be kept: the start took {run.setup_s:.1f} s and the end "
-                  f"needs {run.end_s:.1f} s (an evaluation, the loss over the whole val split, the sample), so not "
-                  f"one step fits; it ends now. Set --max_time={math.ceil((run.setup_s + run.end_s) * 1.5)} or "
+                  f"needs {end_s:.1f} s (an evaluation, the loss over the whole val split, the sample), so not "
+                  f"one step fits; it ends now. Set --max_time={math.ceil((run.setup_s + end_s) * 1.5)} or "
                   f"more, or fewer --eval_iters or --max_new_tokens", flush=True)
             run.max_iters, last_step = run.step, True
     whole = final_loss(run, cfg) if last_step else None
@@ -958,16 +965,21 @@ def after_evaluation(run, cfg, losses, last_step):
         append_log(cfg.out_dir, [run.step, f"{losses['train']:.4f}", f"{losses['val']:.4f}", f"{lr:.3e}",
                                  f"{run.elapsed:.1f}", '' if whole is None else f"{whole:.4f}"])
         draw_loss_png(run, cfg)
-    run.t_log += time.time() - run.t_step  # ms/step leaves evaluations out
+    run.end_s, run.end_step_s = end_seconds(run, cfg, estimate_s, char_s), run.step_s
+    run.t_log += time.time() - run.t_step  # ms/step and step_s leave evaluations out
+    run.t_step = time.time()
 
 
 def end_seconds(run, cfg, estimate_s, char_s):
     """ what the end of a run needs, from the evaluation just made: another like it, the loss over the whole val
-    split at the estimate's speed, and the sample at the preview's """
+    split at the estimate's speed, the sample at the preview's, and the exit """
     token_s = estimate_s / (2 * cfg.eval_iters * cfg.batch_size * cfg.block_size)
     tokens = min(len(run.splits['val']), 1 << 17)  # as many as final_windows reads
     sample_s = (char_s or token_s * cfg.block_size) * cfg.num_samples * cfg.max_new_tokens
-    return time.time() - run.t_step + token_s * tokens + sample_s
+    return time.time() - run.t_step + token_s * tokens + sample_s + EXIT_S
+
+
+EXIT_S = 0.5  # seconds from the sample's last character to the end of the process (Python's own exit)
 
 
 def eval_batches(run, cfg):
@@ -1005,7 +1017,7 @@ def final_loss(run, cfg):
     """ after the last evaluation, the loss over the whole val split by estimate_loss's loop: exact, where the
     estimate has a standard error of ~0.01; skipped (None) when a stop comes while it runs """
     asked = len(run.signals)  # a stop that came before is not one to skip this for
-    data, T, B = run.splits['val'], cfg.block_size, 4 * cfg.batch_size  # forward only: 4 times the batch fits
+    data, T, B = run.splits['val'], cfg.block_size, cfg.batch_size  # batches as the estimate's: as fast a token
     starts, n = final_windows(len(data), T)
 
     def windows():
@@ -1058,11 +1070,9 @@ def muon_matrices(model):
 
 
 def newton_schulz(G, steps=5, eps=1e-7):
-    """
-    Orthogonalize G = U S V^T to about U V^T (its singular values moved into ~[0.7, 1.2]) by 5 steps of a
-    quintic Newton-Schulz iteration. torch.optim.Muon does this in bfloat16, which a CPU without native bf16
-    runs ~15x slower than float32, so this is the same iteration in float32. G may be a batch (N,A,B).
-    """
+    """ G = U S V^T (or a batch of them, (N,A,B)) made about U V^T, its singular values moved into ~[0.7, 1.2], by
+    5 steps of a quintic Newton-Schulz iteration: torch.optim.Muon's, in float32 rather than bfloat16, which a
+    CPU without bf16 in hardware runs ~15x slower """
     a, b, c = (3.4445, -4.7750, 2.0315)
     X = G.float()
     tall = G.size(-2) > G.size(-1)
@@ -1709,15 +1719,6 @@ def print_in_the_first_process_only():
         sys.stdout = open(os.devnull, 'w')
 
 
-def processes_changed(before, now, cfg):
-    """ a run resumed with another number of processes trains on another number of tokens per step """
-    tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    accum = cfg.gradient_accumulation_steps * before / now
-    keep = f": set --gradient_accumulation_steps={accum:.0f} to keep them" if accum == int(accum) else ''
-    return (f"the checkpoint was trained by {before} processes, this run has {now}: {tokens * before:,} -> "
-            f"{tokens * now:,} tokens per step{keep}")
-
-
 def no_buffer_sync():
     """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at each
     forward: forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
@@ -1764,14 +1765,11 @@ def shown(text):
 
 @contextmanager
 def stop_on_signals(run, cfg):
-    """
-    Ctrl-C or SIGTERM (kill, schedulers, torchrun) stops training after this step to save, each signal
-    appended to run.signals. SIGTERM comes in twos and threes (a scheduler signals every process of a job,
-    and torchrun passes each one on): any number are one stop, and a process stopped by it ignores more up
-    to its exit. A second Ctrl-C, from a person, quits at once. A reader that goes away (python gpt.py | head)
-    stops it as SIGTERM does, saved. Python takes signals in the main thread only; a notebook gets its
-    Ctrl-C handler back.
-    """
+    """ Ctrl-C or SIGTERM (kill, a scheduler, torchrun) stops training after this step, saved; a second Ctrl-C
+    quits at once. A reader that goes away (python gpt.py | head) stops it as SIGTERM does. Signals are taken in
+    the main thread only, and a notebook gets its Ctrl-C handler back """
+    # SIGTERM comes in twos and threes (a scheduler signals every process of a job, and torchrun passes each
+    # on): any number are one stop, and a process stopped by it ignores more up to its exit
     def on_signal(signum, frame):
         if signum == signal.SIGTERM and signum in run.signals:  # the same stop, asked again
             return

@@ -47,7 +47,7 @@ def test_a_budget_run_ends_when_its_time_is_spent_and_its_rate_at_the_end(workdi
     out = capsys.readouterr().out
     saved = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
     assert saved['step'] == saved['max_iters'] == last_step(out) > 30  # ended by the time, not max_iters
-    assert 7.5 < now[0] - start <= 8  # the whole run, its end included, fills the budget
+    assert 7 < now[0] - start <= 8  # the whole run, its end included, fills the budget (1% and the exit kept)
     assert saved['progress'] == 1.0 and 'cannot be kept' not in out
     lrs = [float(r['lr']) for r in log_rows(workdir / 'out')]
     assert lrs[-1] == pytest.approx(gpt.min_lr_frac * gpt.learning_rate)  # the decay ended with the time
