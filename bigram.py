@@ -22,7 +22,7 @@ defaults = dict(
     learning_rate=1e-2,  # a single lookup table learns fast
     dropout=0.0,  # nothing to drop out
     beta2=0.99,  # AdamW beta2 (gpt.py's 0.95 on a CPU is for its 3-minute run)
-    optimizer='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)
+    optim='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)
     embedding_lr_scale=1.0,  # one rate for every weight, as the lecture (gpt.py's CPU run: 3x for its tables)
     out_dir='out-bigram',  # its checkpoints apart from gpt.py's
 )

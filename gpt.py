@@ -7,15 +7,13 @@ names, made fast on CPU and GPU, with checkpoints, exact resume and sampling fro
     python gpt.py --max_iters=200    # any constant below can be set like this, or edited in place
     python gpt.py --help             # every constant, its default and what it means
     python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO:"   # sample from the saved model
-    python gpt.py --init_from=resume --max_iters=0 --prompt="ROMEO: " --attention=True  # each head
 
 On a CUDA GPU it runs the lecture's model (6 layers, 6 heads, n_embd 384, block 256, 5000 steps).
 On a CPU or Apple MPS it runs a smaller model that trains and samples in about 3 minutes.
 
-Read it down to the divider (the line of '='): that part is the lecture's script in the lecture's
-order, the hyperparameters, the data, the model, the optimizer, the training loop and sampling, and
-main(), which runs them. What a first read can skip (the command line, checkpoints, the time budget,
-torchrun, signals, pictures) comes after the divider, grouped by concern and called by name.
+Read it down to the divider (the line of '='): the lecture's script in the lecture's order, each part
+naming its chapter of the video. What a first read can skip (the command line, checkpoints, the time
+budget, torchrun, signals, pictures) comes after it, grouped by concern and called by name.
 """
 import math
 import os
@@ -34,12 +32,11 @@ try:  # Ctrl-C while torch loads (a few seconds) quits quietly, as it does at an
 except KeyboardInterrupt:
     raise SystemExit(130)
 
-# hyperparameters
-# Edit these lines to change the run, or set any of them on the command line (--max_iters=200): the
-# two are the same, and a run resumed after an edit takes the edit as it takes the command line.
-# A line with two values (`x if cuda else y`) holds one for a CUDA GPU, most of them the lecture's
-# run (a comment says where not), and one for a laptop-size run on a CPU or Apple MPS.
-# The lecture's own come first, in its order; the ones beyond it follow, grouped by what they set.
+# hyperparameters (video: "port our code to a script"; "scaling up the model! creating a few variables.
+# adding dropout")
+# Edit a line, or set it on the command line (--max_iters=200): the two do the same, on a resume too.
+# `x if cuda else y` holds the lecture's run on a CUDA GPU (a comment says where not), then a laptop-size
+# run on a CPU or Apple MPS. The lecture's own come first, in its order; then the others, by what they set.
 cuda = torch.cuda.is_available()
 batch_size = 64 if cuda else 32  # how many independent sequences will we process in parallel?
 block_size = 256 if cuda else 64  # what is the maximum context length for predictions?
@@ -51,13 +48,12 @@ eval_iters = 200 if cuda else 40  # batches of each split averaged in one estima
 n_embd = 384 if cuda else 96  # width of the embedding of each token
 n_head = 6 if cuda else 3  # attention heads per block; n_embd must be divisible by n_head
 n_layer = 6 if cuda else 2  # transformer blocks; in 3 CPU minutes, many steps of a small model win
-dropout = 0.2 if cuda else 0.0  # 0 on CPU: 3 minutes cannot overfit, and attention stays fused
+dropout = 0.2 if cuda else 0.0  # 0 on a CPU: 3 minutes cannot overfit, and steps run faster without it
 seed = 1337  # random seed of the run (the lecture's torch.manual_seed(1337))
 # data
 input_file = 'input.txt'  # the text to train on (UTF-8); its characters are the vocabulary
 # the default text, fetched when input.txt is missing, and the checksum it must have
-data_url = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/'
-            'input.txt')
+data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 data_sha256 = '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
 # model
 activation = 'gelu'  # feed-forward non-linearity: 'relu' (the lecture) or 'gelu' (GPT-2, better)
@@ -65,22 +61,22 @@ position_embedding = 'learned'  # 'learned' (the lecture's table) or 'sinusoidal
 qkv_bias = False  # bias on the query/key/value projections (the lecture: no, GPT-2: yes)
 fused_attention = True  # all heads in one fused kernel; False runs the lecture's Head by Head
 # training
-max_time = 0 if cuda else 180  # seconds, start to sample (0 = no limit): the run ends at max_iters or here
+max_time = 0 if cuda else 180  # seconds, start to the sample's end (0 = none): max_iters or this ends the run
 log_interval = 100  # print progress every this many steps
-min_lr_frac = 0.1 if cuda else 0.06  # the cosine ends at learning_rate times this (nanoGPT: a tenth)
-warmup_iters = 100 if cuda else 50  # steps of linear warmup from 0
-weight_decay = 0.1  # on the weight matrices only (not biases and norms), AdamW's and Muon's
+min_lr_frac = 0.1 if cuda else 0.06  # the cosine ends at learning_rate times this (the lecture: flat, 1.0)
+warmup_iters = 100 if cuda else 50  # steps of linear warmup to learning_rate (the lecture: none)
+weight_decay = 0.1  # on the weight matrices only, AdamW's and Muon's (the lecture: 0.01 on all)
 beta1 = 0.9  # AdamW beta1
-beta2 = 0.99 if cuda else 0.95  # AdamW beta2; below 0.999 since each step sees few tokens
-grad_clip = 1.0  # clip the gradient norm at this value (0 = off)
-optimizer = 'adamw' if cuda else 'muon'  # 'adamw' (the lecture's), or 'muon' for the blocks' matrices
+beta2 = 0.99 if cuda else 0.95  # AdamW beta2 (the lecture: 0.999); lower, as each step sees few tokens
+grad_clip = 1.0  # clip the gradient norm at this value (0 = off, as the lecture)
+optim = 'adamw' if cuda else 'muon'  # 'adamw' (the lecture's, every weight), or 'muon' for the blocks' matrices
 muon_lr_scale = 1.2  # Muon's learning rate: learning_rate times this, on the same schedule
 embedding_lr_scale = 1.0 if cuda else 3.0  # the embedding tables' rate: learning_rate times this
 muon_momentum = 0.9  # Muon's (Nesterov) momentum; 0.95 is usual, 0.9 suits a short run
 gradient_accumulation_steps = 1  # micro-batches per step: a larger batch than fits in memory
 # sampling
-prompt = ''  # text the sample starts from; '' starts from the first character, as the lecture
-attention = False  # first draw each head's attention over the prompt into out_dir/attention.png
+prompt = ''  # text the sample starts from; '' starts from token 0 (a newline here), as the lecture
+plot_attention = False  # before sampling, draw each head's attention over the prompt: out_dir/attention.png
 num_samples = 1  # how many samples to print
 max_new_tokens = 500  # characters generated per sample
 temperature = 1.0  # 1 samples the model's distribution, lower is more conservative, 0 is greedy
@@ -95,19 +91,20 @@ torch_compile = False  # compile the model with torch.compile: a slow start, the
 precision = 'auto'  # 'auto' (bf16 where the GPU has it, or the CPU and a wide model), 'fp32', 'bf16', 'fp16'
 # ----------------------------------------------------------------------------------------------
 # data: every character of the text is a token, and the text becomes one long row of token ids
+# (video: "reading and exploring the data"; "tokenization, train/val split")
 
 class CharTokenizer:
     """ the lecture's tokenizer: every distinct character of the text is one token """
 
     def __init__(self, chars):
-        # here are all the unique characters that occur in this text
-        self.chars = ''.join(chars)
+        self.chars = ''.join(chars)  # the unique characters, found in the text by prepare_data
         # create a mapping from characters to integers
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.itos = {i: ch for i, ch in enumerate(chars)}
 
     def encode(self, s):
         """ encoder: take a string, output a list of integers (a character never seen: an error) """
+        # it encodes the prompt (its characters checked by load_data); the text is encoded by prepare_data
         unknown = sorted(set(s) - self.stoi.keys())
         if unknown:
             raise ValueError(f"characters the model never saw: {''.join(unknown)!r}")
@@ -130,6 +127,7 @@ def load_splits(cfg, checkpoint=None):
     # disk: a 100 MB text then takes about a second and little memory, and later runs start at once.
     if not os.path.exists(cfg.input_file) and cfg.input_file == 'input.txt':
         download(cfg.data_url, cfg.data_sha256, cfg.input_file)  # tiny Shakespeare, fetched once
+    # here are all the unique characters that occur in this text, and the text encoded (prepare_data)
     chars, data = prepare_data(cfg.input_file, cfg.out_dir)
     if checkpoint:  # a trained model goes on only with the characters it knows
         check_text_against(checkpoint, chars, cfg)
@@ -140,29 +138,26 @@ def load_splits(cfg, checkpoint=None):
     return chars, splits
 
 
-# data loading
+# data loading (video: "data loader: batches of chunks of data")
 def get_batch(data, block_size, batch_size, device, generator=None):
-    """ generate a small batch of data of inputs x and targets y """
-    # batch_size random places in the text; y is x shifted by one: the character that comes next
+    """ generate a small batch of data of inputs x and targets y (generator: an evaluation's own) """
+    # batch_size random places in data (the token ids prepare_data maps from disk); y is x shifted by one
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])  # (B,T)
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64))
-                     for i in ix])  # (B,T)
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])  # (B,T)
     if device.type == 'cuda':  # pinned memory lets the copy to the GPU overlap with compute
         x, y = x.pin_memory(), y.pin_memory()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-@torch.no_grad()
+
+@torch.no_grad()  # (video: "port our code to a script")
 def estimate_loss(model, run, cfg, batches=None):
-    """
-    The mean loss over eval_iters batches of each split. The batches come from a generator of
-    their own, the same ones at every evaluation: estimates are comparable from one evaluation to
-    the next, and the training's random stream is untouched (so a resumed run matches exactly).
-    The final loss hands in batches of its own: every window of the val split.
-    """
+    """ the mean loss over eval_iters batches of each split, the same ones at every evaluation (or over the
+    batches given: the final loss); run is the loop's state (LoopState, below the divider) """
     out = {}
     model.eval()
+    # eval_batches (below the divider): eval_iters batches of each split, from a generator seeded anew
     for split, split_batches in (batches or eval_batches(run, cfg)).items():
         losses = []
         for k, (X, Y) in enumerate(split_batches):
@@ -180,7 +175,8 @@ def estimate_loss(model, run, cfg, batches=None):
 
 @dataclass
 class GPTConfig:
-    """ the shape of the model: all a checkpoint needs to rebuild it (defaults: the constants) """
+    """ the shape of the model: all a checkpoint needs to rebuild it. main passes every field (build_model);
+    the defaults, the constants, serve a model built by hand, as the tests build them """
     vocab_size: int
     block_size: int = block_size
     n_embd: int = n_embd
@@ -193,11 +189,11 @@ class GPTConfig:
     fused_attention: bool = fused_attention
 
 
-# Which attention code runs: by default (fused_attention = True) MultiHeadAttention computes
-# all its heads at once, with the same weights, in all_heads_at_once: one matmul and one fused
-# kernel. Head's own forward, the lecture's code, runs with --fused_attention=False (and when the
-# attention pictures are drawn); a test checks that both give the same output.
+# Which attention code runs: by default (fused_attention = True) MultiHeadAttention computes all its heads
+# at once, with the same weights, in all_heads_at_once. Head's own forward, the lecture's code, runs with
+# --fused_attention=False (and for the pictures, or with dropout on a CPU); a test checks both agree.
 
+# (video: "THE CRUX OF THE VIDEO: version 4: self-attention")
 class Head(nn.Module):
     """ one head of self-attention """
 
@@ -207,18 +203,20 @@ class Head(nn.Module):
         self.query = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
         self.value = nn.Linear(config.n_embd, head_size, bias=config.qkv_bias)
         tril = torch.tril(torch.ones(config.block_size, config.block_size))
-        self.register_buffer('tril', tril, persistent=False)  # a constant, not a parameter
-        self.dropout = nn.Dropout(config.dropout)
+        self.register_buffer('tril', tril, persistent=False)  # a constant; the fused path masks by is_causal
+        self.dropout = nn.Dropout(config.dropout)  # dropout is 0 on a CPU: it passes wei through
         self.keep_wei = False  # True: forward keeps its softmaxed wei in self.wei, for the pictures
         self.wei = None
 
     def forward(self, x):
+        # runs with --fused_attention=False, for the pictures, or to train on a CPU with dropout; else all_heads_at_once
         # input of size (batch, time-step, channels), output of size (batch, time-step, head size)
         B, T, C = x.shape
         # each token emits a key (what it contains) and a query (what it looks for)
         k = self.key(x)  # (B,T,hs)
         q = self.query(x)  # (B,T,hs)
-        # compute attention scores ("affinities"), scaled by the head size (the video scales by C)
+        # compute attention scores ("affinities"), scaled by the head size (the video scales by C;
+        # video: "note 6: "scaled" self-attention. why divide by sqrt(head_size)")
         wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B,T,hs) @ (B,hs,T) -> (B,T,T)
         # a decoder block: a token may not talk to the future, so those scores become -inf
         wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # (B,T,T)
@@ -233,6 +231,7 @@ class Head(nn.Module):
         return out
 
 
+# (video: "multi-headed self-attention")
 class MultiHeadAttention(nn.Module):
     """ multiple heads of self-attention in parallel """
 
@@ -241,13 +240,12 @@ class MultiHeadAttention(nn.Module):
         head_size = config.n_embd // config.n_head  # the heads side by side are n_embd wide again
         self.heads = nn.ModuleList([Head(config, head_size) for _ in range(config.n_head)])
         self.proj = nn.Linear(head_size * config.n_head, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)  # (0 on a CPU: passes through)
         self.fused = config.fused_attention  # all_heads_at_once, below (the default)
         self.attn_dropout = config.dropout
 
     def forward(self, x):
-        # fused unless training on a CPU with attention dropout: PyTorch has no fused CPU kernel for
-        # that case, and its fallback is slower than the lecture's per-head code
+        # fused, unless training on a CPU with dropout: there PyTorch's fallback is slower than the lecture's
         if self.fused and not (self.training and self.attn_dropout > 0 and x.device.type == 'cpu'):
             out = self.all_heads_at_once(x)  # (B,T,C)
         else:  # the lecture's way: each Head, and their outputs side by side
@@ -257,16 +255,15 @@ class MultiHeadAttention(nn.Module):
         return out
 
     def all_heads_at_once(self, x):
-        """ the same heads with the same weights: one matmul for all q, k, v, one fused kernel """
+        """ the same heads with the same weights: one matmul for all q, k, v, one fused kernel (video:
+        "super quick walkthrough of nanoGPT, batched multi-headed self-attention") """
         B, T, C = x.shape
         nh = len(self.heads)
         # every head's query, key and value weights stacked into one matrix
         w = torch.cat([h.query.weight for h in self.heads] + [h.key.weight for h in self.heads]
                       + [h.value.weight for h in self.heads])  # (3C,C)
-        b = None
-        if self.heads[0].query.bias is not None:
-            b = torch.cat([h.query.bias for h in self.heads] + [h.key.bias for h in self.heads]
-                          + [h.value.bias for h in self.heads])  # (3C,)
+        b = None if self.heads[0].query.bias is None else torch.cat(
+            [h.query.bias for h in self.heads] + [h.key.bias for h in self.heads] + [h.value.bias for h in self.heads])
         q, k, v = F.linear(x, w, b).split(C, dim=2)  # 3 x (B,T,C)
         q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
         k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B,nh,T,hs)
@@ -277,6 +274,7 @@ class MultiHeadAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as torch.cat: (B,T,C)
 
 
+# (video: "feedforward layers of transformer block")
 class FeedForward(nn.Module):
     """ a simple linear layer followed by a non-linearity """
 
@@ -288,7 +286,7 @@ class FeedForward(nn.Module):
             # GELU by default, GPT-2's smooth ReLU; the lecture's nn.ReLU() with --activation=relu
             nn.GELU() if config.activation == 'gelu' else nn.ReLU(),
             nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.dropout),
+            nn.Dropout(config.dropout),  # (0 on a CPU: passes through)
         )
 
     def forward(self, x):
@@ -299,23 +297,23 @@ class Block(nn.Module):
     """ Transformer block: communication followed by computation """
 
     def __init__(self, config):
-        # n_embd: embedding dimension, n_head: the number of heads we'd like
+        # config.n_embd: embedding dimension, config.n_head: the number of heads we'd like
         super().__init__()
         self.sa = MultiHeadAttention(config)
         self.ffwd = FeedForward(config)
+        # (video: "layernorm and its relationship to our previous batchnorm")
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.ln2 = nn.LayerNorm(config.n_embd)
 
     def forward(self, x):
-        # residual connections: each sub-layer adds to x; layer norm before each (pre-norm)
+        # (video: "residual connections") each sub-layer adds to x; layer norm before each (pre-norm)
         x = x + self.sa(self.ln1(x))
         x = x + self.ffwd(self.ln2(x))
         return x
 
 
-# a variant, not in the lecture: position_embedding = 'sinusoidal' puts this in place of the table
 class SinusoidalPositions(nn.Module):
-    """ the Transformer paper's position embedding: fixed sin and cos waves of falling frequency """
+    """ not in the lecture, position_embedding = 'sinusoidal': the Transformer paper's fixed sin and cos """
 
     def __init__(self, block_size, n_embd):
         super().__init__()
@@ -359,8 +357,7 @@ class GPTLanguageModel(nn.Module):
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.block_size:  # the position table has block_size rows
-            raise ValueError(f"sequence of length {T} is longer than block_size "
-                             f"{self.config.block_size}")
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         # idx and targets are both (B,T) tensor of integers
         tok_emb = self.token_embedding_table(idx)  # (B,T,C)
         pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T,C)
@@ -369,6 +366,7 @@ class GPTLanguageModel(nn.Module):
         x = self.ln_f(x)  # (B,T,C)
         logits = self.lm_head(x)  # (B,T,vocab_size)
 
+        # (video: "simplest baseline: bigram language model, loss, generation")
         if targets is None:
             loss = None
         else:
@@ -378,6 +376,7 @@ class GPTLanguageModel(nn.Module):
 
     @torch.no_grad()  # the lecture samples with autograd on and, after training, with dropout on
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
+        # the sample and the preview call it for one character at a time (generate_one_by_one, below)
         # idx is (B, T) array of indices in the current context
         was_training = self.training
         self.eval()
@@ -410,11 +409,12 @@ class GPTLanguageModel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # the optimizer and its schedule: the lecture's AdamW (or Muon for the blocks' matrices), with a
 # linear warmup and a cosine decay of the learning rate (the lecture keeps it flat)
+# (video: "training the bigram model" makes the optimizer and the loop)
 
 def configure_optimizer(model, cfg, device):
-    """ the lecture's torch.optim.AdamW, or with optimizer='muon', Muon for the blocks' weight
+    """ the lecture's torch.optim.AdamW, or with optim='muon', Muon for the blocks' weight
     matrices and AdamW for the rest (embeddings, lm_head, biases, norms) """
-    matrices = muon_matrices(model) if cfg.optimizer == 'muon' else []
+    matrices = muon_matrices(model) if cfg.optim == 'muon' else []
     params = [p for p in model.parameters() if p.requires_grad and all(p is not m for m in matrices)]
     # the embedding tables learn at their own rate: 3x on a CPU, where it trains further in 3 minutes
     # (the lecture: one rate for every weight, as embedding_lr_scale = 1.0, the GPU's, gives)
@@ -433,10 +433,12 @@ def configure_optimizer(model, cfg, device):
         return adamw
     # On a CPU the blocks' matrices take Muon instead (its code is below the divider): each step moves a
     # matrix along its gradient's momentum made orthogonal, every direction of it by about as much. In 3
-    # CPU minutes that trains further than AdamW; --optimizer=adamw runs the lecture's AdamW for all.
-    muon = Muon(matrices, lr=cfg.learning_rate, momentum=cfg.muon_momentum,
-                weight_decay=cfg.weight_decay, lr_scale=cfg.muon_lr_scale)
-    return MuonWithAdamW(muon, adamw)
+    # CPU minutes that trains further than AdamW; --optim=adamw runs the lecture's AdamW for all.
+    # (its orthogonalization runs in bf16 where the forward does, as torch.optim.Muon's; else in fp32)
+    bf16 = pick_precision(device, cfg, model)[0] == 'bf16'
+    muon = Muon(matrices, lr=cfg.learning_rate, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                lr_scale=cfg.muon_lr_scale, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return MuonWithAdamW(muon, adamw)  # the two stepped as one optimizer
 
 
 def get_lr(step, cfg, progress, warm_progress=0.0):
@@ -459,11 +461,12 @@ def set_lr(optimizer, lr):
 
 
 # ----------------------------------------------------------------------------------------------
-# training: the lecture's loop
+# training: the lecture's loop (video: "training the bigram model"; estimate_loss: "port our code to
+# a script")
 
 def train(run, cfg):
-    """ the lecture's training loop. run is the loop's state (LoopState, below the divider): the step,
-    the model, the optimizer and the data; the loop updates it, the checkpoint saves it """
+    """ the lecture's training loop; run, the loop's state (LoopState, below the divider), is what it
+    updates (the step, the model, the optimizer, the data) and what the checkpoint saves """
     model, optimizer, accum = run.model, run.optimizer, cfg.gradient_accumulation_steps
     scaler = run.scaler  # fp16's loss scaling (GradScaler); in bf16 and fp32 its calls pass through
     while True:
@@ -472,24 +475,26 @@ def train(run, cfg):
         # or the one at which max_time is spent: after_step then ends the run there (run.max_iters)
         last_step = step == run.max_iters
 
-        # every once in a while evaluate the loss on train and val sets; not after a stop (Ctrl-C,
-        # SIGTERM: it saves at once), nor at a resumed run's first step (evaluated before it was saved)
-        if (step % cfg.eval_interval == 0 and not run.stop or last_step) and step != run.resumed_at:
+        # every once in a while evaluate the loss on train and val sets, and after the last step; not
+        # after a stop (run.stop: Ctrl-C or SIGTERM came; it saves at once), nor at the step a resumed run
+        # begins at (run.resumed_at: evaluated before it was saved, or saved by a stop)
+        due = step % cfg.eval_interval == 0 and not run.stop
+        if (due or last_step) and step != run.resumed_at:
             losses = estimate_loss(model, run, cfg)
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
-                  flush=True)
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
             # the preview, checkpoints, a row of log.csv, at the end the loss over the whole split
             after_evaluation(run, cfg, losses, last_step)
         if step == run.max_iters or run.stop:
             break
 
-        # sample a batch of data (every process draws the same one and trains on its share)
+        # sample a batch of data: run.batch_rows is batch_size, times the micro-batches and processes below
         xb, yb = get_batch(run.splits['train'], cfg.block_size, run.batch_rows, run.device)
-
-        # evaluate the loss
         # the rate of this step (the lecture's is flat: --warmup_iters=0 --min_lr_frac=1.0 runs that)
         set_lr(optimizer, get_lr(step, cfg, run.progress, run.warm_progress))
+
+        # evaluate the loss
         optimizer.zero_grad(set_to_none=True)  # before the micro-batches: their gradients add up
+        # micro_batches: this process's share of the batch (alone, with one micro-batch: the whole batch)
         for x, y in micro_batches(run, xb, yb, accum):
             with run.ctx:
                 logits, loss = model(x, y)
@@ -497,20 +502,20 @@ def train(run, cfg):
         if cfg.grad_clip:  # not in the lecture: a rare huge gradient cannot throw the model off
             scaler.unscale_(optimizer)  # fp16: the true gradients, to clip
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)  # optimizer.step(); in fp16 skipped when a gradient overflowed
+        scaler.step(optimizer)  # optimizer.step(): AdamW's, or Muon's and AdamW's; fp16 skips an overflow
         scaler.update()  # fp16: the scale halves after an overflow, doubles after 2000 clean steps
         run.step += 1
         # the loss shared by all processes, a stop, a NaN, the run's progress and its end, a progress line
         after_step(run, cfg, loss)
     # the loop has ended; a run stopped between two evaluations saves the step it stands at
-    run.elapsed = time.time() - run.t_start
-    if run.rank == 0 and run.saved_step != run.step:
+    run.elapsed = time.time() - run.t_start  # seconds trained
+    if run.rank == 0 and run.saved_step != run.step:  # ckpt.pt is not of this step yet
         save_checkpoint(run.ckpt_path, run, cfg)
-    print(f"saved {run.ckpt_path} at step {run.step} ({format_time(run.elapsed)})", flush=True)
+    print(f"saved {run.ckpt_path} at step {run.step} ({format_time(run.elapsed)})", flush=True)  # 2m57s
 
 
 # ----------------------------------------------------------------------------------------------
-# sampling: generate from the model, one character at a time
+# sampling, a character at a time (video: "simplest baseline: bigram language model, loss, generation")
 
 def sample(model, tokenizer, cfg, device, ctx):
     """ print num_samples samples, each character as soon as it is generated """
@@ -526,27 +531,32 @@ def sample(model, tokenizer, cfg, device, ctx):
 
 # ----------------------------------------------------------------------------------------------
 # the run, in the lecture's order: settings, device, seed, data, model, optimizer, train, sample
+# (video: "port our code to a script")
 
 def main(argv=(), model_class=None, defaults=None, t_begin=None):
-    """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py pass their
-    own model and defaults """
-    t_begin = t_begin or time.time()  # a new run's clock, and its time budget, start here
-    print_in_the_first_process_only()  # under torchrun the others train in silence
+    """ python gpt.py: train (or resume), then sample; bigram.py and lecture_steps.py pass their own
+    model and defaults """
+    # max_time counts from t_begin: the script's start (run_script passes it, loading torch included), else now
+    t_begin = t_begin or time.time()
+    print_in_the_first_process_only()  # under torchrun (one process per device) the others train in silence
     model_class = model_class or GPTLanguageModel
     # the settings: the constants above, the caller's defaults, a resumed run's own, the command line
     cfg, checkpoint = settings(argv, defaults, model_class)
-    device = start_processes(cfg)  # device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    # the lecture: device = 'cuda' if torch.cuda.is_available() else 'cpu'; here CUDA, else Apple MPS, else
+    # the CPU (or --device), and under torchrun this process's GPU, having joined the others
+    device = start_processes(cfg)
     torch.manual_seed(cfg.seed)  # torch.manual_seed(1337)
     # run: the loop's state, every variable the training loop updates (LoopState, below the divider)
     run = loop_state(cfg, checkpoint, device, t_begin, defaults)
-    # the text, its characters, encode and decode, and the train and val splits
+    # the text, its characters, encode and decode, and the train and val splits (sampling a checkpoint
+    # takes its characters and reads no text)
     tokenizer, splits = load_data(cfg, checkpoint, run)
     # model = GPTLanguageModel(); m = model.to(device)
     model = build_model(model_class, len(tokenizer.chars), cfg, checkpoint, device)
     run.ctx, run.scaler = autocast(device, cfg, model)  # the precision of every forward, fp16's scaler
     # print the number of parameters in the model
     describe(model, tokenizer, device, cfg)
-    if run.training:
+    if run.training:  # steps to take (False: a checkpoint, only sampled)
         # one run at a time in out_dir; Ctrl-C or SIGTERM stops it after a step, saved
         with one_run_at_a_time(cfg.out_dir, run), stop_on_signals(run, cfg):
             # optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate); on a CPU, Muon for
@@ -555,17 +565,17 @@ def main(argv=(), model_class=None, defaults=None, t_begin=None):
             train(run, cfg)
         if signal.SIGTERM in run.stop:  # asked to end: saved, so no sample
             raise SystemExit(128 + signal.SIGTERM)
-    # generate from the model (under torchrun, the first process, once the others are done)
+    # generate from the model: end_processes leaves torchrun's group and returns the rank (0 alone), and
+    # the first process samples
     if end_processes(run) == 0:
-        if cfg.attention:  # each head's attention over the prompt, into out_dir/attention.png
+        if cfg.plot_attention:  # each head's attention over the prompt, into out_dir/attention.png
             draw_prompt_attention(model, tokenizer, cfg, device)
-        # print(decode(m.generate(context, max_new_tokens=500)[0].tolist()))
+        # print(decode(m.generate(context, max_new_tokens=500)[0].tolist())), a character at a time
         sample(model, tokenizer, cfg, device, run.ctx)
     return model
 
 
-# The script runs main() from its last lines (run_script, at the end of the file), once everything
-# below the divider is defined.
+# The script runs main() from its last lines (run_script), once everything below the divider is defined.
 
 
 # ==============================================================================================
@@ -667,10 +677,10 @@ def build_model(model_class, vocab_size, cfg, checkpoint, device):
     """ the model: its shape from the checkpoint when there is one, with the checkpoint's weights """
     shape = checkpoint['model_args'] if checkpoint else dict(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in SHAPE})
     model = model_class(GPTConfig(**{**shape, 'dropout': cfg.dropout, 'fused_attention': cfg.fused_attention})).to(device)
-    if cfg.attention and not attention_heads(model):  # found out before any training
-        die(f"{type(model).__name__} has no heads of self-attention to draw: drop --attention=True")
-    if cfg.optimizer == 'muon' and not checkpoint and not muon_matrices(model):
-        die(f"{type(model).__name__} has no blocks of weight matrices for Muon to train: use --optimizer=adamw")
+    if cfg.plot_attention and not attention_heads(model):  # found out before any training
+        die(f"{type(model).__name__} has no heads of self-attention to draw: drop --plot_attention=True")
+    if cfg.optim == 'muon' and not checkpoint and not muon_matrices(model):
+        die(f"{type(model).__name__} has no blocks of weight matrices for Muon to train: use --optim=adamw")
     if checkpoint:
         try:
             model.load_state_dict(checkpoint['model'])
@@ -679,7 +689,7 @@ def build_model(model_class, vocab_size, cfg, checkpoint, device):
     return model
 
 
-BF16_MIN_WIDTH = 256  # n_embd from which bf16 beats fp32 on a CPU that has it (tests/benchmark.py --precision)
+BF16_MIN_WIDTH = 192  # n_embd from which bf16 beats fp32 on a CPU that has it (tests/bench_precision.py)
 CPUINFO = '/proc/cpuinfo'  # where Linux lists what the CPU has: avx512_bf16 and amx_bf16 are bf16 in hardware
 PRECISIONS = dict(bf16='bf16 autocast', fp16='fp16 autocast + GradScaler', fp32='fp32')
 
@@ -1062,19 +1072,19 @@ def format_time(seconds):
 
 
 # ----------------------------------------------------------------------------------------------
-# Muon: an optimizer for the blocks' weight matrices (optimizer = 'muon', the CPU run's)
+# Muon: an optimizer for the blocks' weight matrices (optim = 'muon', the CPU run's)
 
 def muon_matrices(model):
     """ the weight matrices Muon trains: the blocks' 2-D weights (attention and feed-forward) """
     return [p for n, p in model.named_parameters() if p.requires_grad and n.startswith('blocks.') and p.dim() == 2]
 
 
-def newton_schulz(G, steps=5, eps=1e-7):
+def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.float32):
     """ G = U S V^T (or a batch of them, (N,A,B)) made about U V^T, its singular values moved into ~[0.7, 1.2], by
-    5 steps of a quintic Newton-Schulz iteration: torch.optim.Muon's, in float32 rather than bfloat16, which a
-    CPU without bf16 in hardware runs ~15x slower """
+    5 steps of a quintic Newton-Schulz iteration: torch.optim.Muon's, which runs in bfloat16. Here in dtype:
+    bfloat16 where the run computes in it, else float32 (a CPU without bf16 in hardware runs bf16 ~15x slower) """
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.float()
+    X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:  # work on the wide side: X @ X^T is then the smaller matrix
         X = X.mT
@@ -1090,8 +1100,9 @@ class Muon(torch.optim.Optimizer):
     """ Muon (MomentUm Orthogonalized by Newton-Schulz) for 2-D weight matrices: SGD with Nesterov momentum,
     each matrix's update orthogonalized, so that every direction of it moves by about the same amount """
 
-    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, lr_scale=1.0):
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, lr_scale=1.0, dtype=torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale))
+        self.dtype = dtype  # Newton-Schulz's
 
     @torch.no_grad()
     def step(self):
@@ -1103,7 +1114,7 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.lerp(buf, group['momentum'])  # Nesterov: a look one step ahead
                 by_shape.setdefault(p.shape, []).append((group, p, update))
         for (A, B), items in by_shape.items():
-            orthogonal = newton_schulz(torch.stack([update for _, _, update in items]))  # (N,A,B)
+            orthogonal = newton_schulz(torch.stack([update for _, _, update in items]), dtype=self.dtype)  # (N,A,B)
             for (group, p, _), O in zip(items, orthogonal):
                 # as torch.optim.Muon(adjust_lr_fn='match_rms_adamw'): the update's RMS is about AdamW's,
                 # so one learning rate and one schedule serve both
@@ -1545,7 +1556,7 @@ def draw_attention(maps, chars, path, title):
 
 
 def draw_prompt_attention(model, tokenizer, cfg, device):
-    """ --attention=True: each head's attention over the prompt's characters, into out_dir/attention.png """
+    """ --plot_attention=True: each head's attention over the prompt's characters, into out_dir/attention.png """
     block_size = model.config.block_size
     text = cfg.prompt[-block_size:]  # the context the model sees when it samples the next character
     if len(text) < len(cfg.prompt):
@@ -1570,17 +1581,20 @@ RULES = {
                      'embedding_lr_scale'), 'a number >= 0'),
     **dict.fromkeys(('dropout', 'beta1', 'beta2', 'muon_momentum'), 'a number at least 0 and below 1'),
     'min_lr_frac': 'a number from 0 to 1',
-    **dict.fromkeys(('qkv_bias', 'fused_attention', 'attention', 'plot', 'torch_compile'), 'True or False'),
+    **dict.fromkeys(('qkv_bias', 'fused_attention', 'plot_attention', 'plot', 'torch_compile'), 'True or False'),
     **dict.fromkeys(('device', 'input_file', 'data_url', 'data_sha256', 'prompt', 'out_dir'), 'text'),
-    'activation': ('relu', 'gelu'), 'position_embedding': ('learned', 'sinusoidal'), 'optimizer': ('adamw', 'muon'),
+    'activation': ('relu', 'gelu'), 'position_embedding': ('learned', 'sinusoidal'), 'optim': ('adamw', 'muon'),
     'init_from': ('scratch', 'resume', 'best'), 'precision': ('auto', 'fp32', 'bf16', 'fp16'),
 }
+
+
+RENAMED = dict(optimizer='optim', attention='plot_attention')  # old names, taken on the command line
 
 
 def read_constants(path=__file__):
     """ the constants at the top as {name: (value as written, comment)}, read from this file: --help shows
     the comments, and a resume sees which values were edited """
-    block = open(path, encoding='utf-8').read().split('# hyperparameters\n', 1)[1].split('# ----', 1)[0]
+    block = open(path, encoding='utf-8').read().split('\n# hyperparameters', 1)[1].split('\n# ----', 1)[0]
     lines = re.findall(r'^([a-z_0-9]+) = (.*?)(?:  # (.*))?$', block, flags=re.M)
     return {name: (text, comment) for name, text, comment in lines if name != 'cuda'}
 
@@ -1602,6 +1616,9 @@ def get_config(argv, defaults=None):
         name, eq, text = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq:
             die(f"cannot read '{arg}': write settings as --name=value, e.g. --max_iters=200 (see --help)")
+        if name in RENAMED:
+            print(f"note: --{name} is now --{RENAMED[name]}: taken as --{RENAMED[name]}={text}")
+            name = RENAMED[name]
         if name not in config:
             close = difflib.get_close_matches(name, config, n=3)
             die(f"unknown setting '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ": see --help"))
@@ -1641,16 +1658,16 @@ def check_config(cfg, overrides):
             f"n_embd={-(-cfg.n_embd // cfg.n_head) * cfg.n_head}")
     if 0 < cfg.temperature < 1e-3:
         die(f"temperature {cfg.temperature} is too small to sample with: use --temperature=0 for greedy decoding")
-    if cfg.attention and not cfg.prompt:
-        die("--attention=True draws each head's attention over the prompt: give one, e.g. --prompt=\"ROMEO: \"")
-    if cfg.attention:
+    if cfg.plot_attention and not cfg.prompt:
+        die("--plot_attention=True draws each head's attention over the prompt: give one, e.g. --prompt=\"ROMEO: \"")
+    if cfg.plot_attention:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            die("--attention=True draws with matplotlib, which cannot be imported: pip install matplotlib")
+            die("--plot_attention=True draws with matplotlib, which cannot be imported: pip install matplotlib")
 
 
-PER_CALL = ('init_from', 'out_dir', 'device', 'attention')  # a call's own settings: where, on what, what for
+PER_CALL = ('init_from', 'out_dir', 'device', 'plot_attention')  # a call's own settings: where, on what, what for
 
 
 def constant_sources(defaults=None):
@@ -1671,12 +1688,12 @@ def resume_config(cfg, overrides, checkpoint, path, defaults):
     new = SimpleNamespace(**{**vars(cfg), **{k: v for k, v in saved.items() if k not in PER_CALL}, **changes})
     check_config(new, overrides)
     training = trains(new, checkpoint)
-    kept = {**{k: shape[k] for k in SHAPE}, 'optimizer': saved['optimizer']}
+    kept = {**{k: shape[k] for k in SHAPE}, 'optim': saved['optim']}
     refused = [k for k in kept if k in changes and changes[k] != kept[k] and (k in overrides or training)]
     if refused:
         what = (f"a trained model keeps its shape ({', '.join(f'{k}={kept[k]!r}' for k in refused)})"
-                if refused != ['optimizer'] else f"a run keeps its optimizer ({path} was trained with "
-                f"optimizer={kept['optimizer']!r})")
+                if refused != ['optim'] else f"a run keeps its optimizer ({path} was trained with "
+                f"optim={kept['optim']!r})")
         lines, flags = [f"{k} = {kept[k]!r}" for k in refused if k in edited], [k for k in refused if k in overrides]
         fix = [f"put back {' and '.join([', '.join(lines[:-1]), lines[-1]] if lines[:-1] else lines)} at the top"] if lines else []
         fix += [f"drop {' '.join(f'--{k}' for k in flags)}"] if flags else []

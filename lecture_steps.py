@@ -36,7 +36,7 @@ defaults = dict(
     weight_decay=0.01,  # torch.optim.AdamW's default; gpt.py decays the 2-D weights only (the lecture: all)
     beta1=0.9,  # torch.optim.AdamW's default
     beta2=0.999,  # torch.optim.AdamW's default
-    optimizer='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)
+    optim='adamw',  # the lecture's optimizer for every weight (gpt.py's CPU run uses Muon)
     embedding_lr_scale=1.0,  # one rate for every weight, as the lecture (gpt.py's CPU run: 3x for its tables)
     grad_clip=0.0,  # the lecture does not clip the gradient
 )
@@ -213,6 +213,13 @@ for k, (_, _, model_class, _) in steps.items():  # what a checkpoint of a step s
         model_class.command = f"python lecture_steps.py --step={k}"
 
 
+# the chapter of the video where each step is built, as the video lists them
+chapters = {0: "simplest baseline: bigram language model, loss, generation",
+            1: "inserting a single self-attention block to our network", 2: "multi-headed self-attention",
+            3: "feedforward layers of transformer block", 4: "residual connections", 5: "residual connections",
+            6: "layernorm and its relationship to our previous batchnorm"}
+
+
 def step_settings(step):
     """ the model class and the defaults of one step, which saves to a folder of its own """
     _, _, model_class, own = steps[step]
@@ -237,7 +244,7 @@ def print_steps():
     """ --help: each step, what it adds, and the val loss the video reached with it """
     print("usage: python lecture_steps.py --step=K [--name=value ...]   (the lecture's models, one step at a time)")
     for k, (adds, loss, _, _) in steps.items():
-        print(f"  --step={k}  {adds}" + (f" (video: val loss {loss})" if loss else ""))
+        print(f"  --step={k}  {adds}" + (f" (video: val loss {loss})" if loss else "") + f"; chapter \"{chapters[k]}\"")
     print("Step K saves to out-step<K>. Below, gpt.py's settings, with the lecture's values for this step (or step 1):")
 
 

@@ -141,7 +141,7 @@ def main():
     config = gpt.GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_embd=a.n_embd, n_head=a.n_head,
                            n_layer=a.n_layer, dropout=a.dropout, activation=a.activation)
     ours = gpt.GPTLanguageModel(config).to(device)
-    cfg, _ = gpt.get_config(['--weight_decay=0.1', '--optimizer=adamw'])  # as the lecture's model trains
+    cfg, _ = gpt.get_config(['--weight_decay=0.1', '--optim=adamw'])  # as the lecture's model trains
     ours_opt = gpt.configure_optimizer(ours, cfg, device)
     lecture = LectureGPT(a.vocab_size, a.n_embd, a.n_head, a.n_layer, a.block_size, a.dropout).to(device)
     lecture_opt = torch.optim.AdamW(lecture.parameters(), lr=3e-4)
@@ -213,7 +213,7 @@ def optimizer_share(a, config, device, ctx, x, y, med):
     for name in ('adamw', 'muon'):
         torch.manual_seed(0)
         models[name] = gpt.GPTLanguageModel(config).to(device)
-        optimizers[name] = gpt.configure_optimizer(models[name], gpt.get_config([f'--optimizer={name}'])[0], device)
+        optimizers[name] = gpt.configure_optimizer(models[name], gpt.get_config([f'--optim={name}'])[0], device)
     step_s, opt_s = {k: [] for k in models}, {k: [] for k in models}
     for r in range(a.rounds + 1):  # the first round warms up
         for name, model in models.items():

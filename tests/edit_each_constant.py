@@ -30,8 +30,8 @@ EDITS = dict(
     data_url="'https://example.invalid/x.txt'", data_sha256="'0' * 64", activation="'relu'",
     position_embedding="'sinusoidal'", qkv_bias='True', fused_attention='False', max_time='0', log_interval='5',
     min_lr_frac='1.0', warmup_iters='30', weight_decay='0.0', beta1='0.8', beta2='0.99', grad_clip='0.0',
-    optimizer="'adamw'", muon_lr_scale='1.0', muon_momentum='0.95', gradient_accumulation_steps='2',
-    prompt="'ROMEO:'", attention='True', num_samples='2', max_new_tokens='10', temperature='0.0', top_k='5',
+    optim="'adamw'", muon_lr_scale='1.0', muon_momentum='0.95', gradient_accumulation_steps='2',
+    prompt="'ROMEO:'", plot_attention='True', num_samples='2', max_new_tokens='10', temperature='0.0', top_k='5',
     preview_chars='0', out_dir="'elsewhere'", init_from="'resume'", plot='True', torch_compile='True',
     embedding_lr_scale='1.0',
 )

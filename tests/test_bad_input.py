@@ -226,9 +226,9 @@ def test_a_console_that_cannot_show_the_texts_characters_prints_question_marks(w
 # messages that read right: each names what happened and the command that helps
 def test_a_resume_with_another_optimizer_says_the_run_keeps_its_optimizer(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    gpt.main([*TINY, '--optimizer=muon'])
-    line = error_of(['--device=cpu', '--init_from=resume', '--max_iters=30', '--optimizer=adamw'])
-    assert "keeps its optimizer" in line and "optimizer='muon'" in line and 'shape' not in line
+    gpt.main([*TINY, '--optim=muon'])
+    line = error_of(['--device=cpu', '--init_from=resume', '--max_iters=30', '--optim=adamw'])
+    assert "keeps its optimizer" in line and "optim='muon'" in line and 'shape' not in line
 
 
 def test_a_checkpoint_of_another_script_names_the_script(workdir):

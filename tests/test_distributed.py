@@ -41,7 +41,7 @@ def test_two_processes_equal_one_process_accumulating_over_the_same_batches(work
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(workdir, monkeypatch, optimizer):
     monkeypatch.chdir(workdir)
-    args = [*ARGS, f'--optimizer={optimizer}']
+    args = [*ARGS, f'--optim={optimizer}']
     one = gpt.main([*args, '--batch_size=8', '--out_dir=one']).state_dict()
     accumulated = gpt.main([*args, '--batch_size=2', '--gradient_accumulation_steps=4', '--out_dir=acc']).state_dict()
     for name, w in one.items():

@@ -113,10 +113,10 @@ def test_a_warmup_as_long_as_the_run_is_said(workdir, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize('args, line', [
-    (['--optimizer=muon'], "optimizer: Muon (lr 0.012, momentum 0.9) for the blocks' 9 matrices, AdamW (lr 0.01, "
+    (['--optim=muon'], "optimizer: Muon (lr 0.012, momentum 0.9) for the blocks' 9 matrices, AdamW (lr 0.01, "
                            "betas 0.9, 0.95) for the rest, the embedding tables at lr 0.03, weight decay 0.1; "
                            f"learning rate: 2 warmup steps, then a cosine decay to {gpt.min_lr_frac:g}x at the end"),
-    (['--optimizer=adamw', '--min_lr_frac=1.0', '--warmup_iters=0', '--embedding_lr_scale=1.0'],
+    (['--optim=adamw', '--min_lr_frac=1.0', '--warmup_iters=0', '--embedding_lr_scale=1.0'],
      "optimizer: AdamW (lr 0.01, betas 0.9, 0.95), weight decay 0.1; learning rate: flat"),
 ])
 def test_the_start_of_a_run_names_the_optimizer_and_the_precision(workdir, monkeypatch, capsys, args, line):

@@ -108,3 +108,11 @@ def test_one_character_is_one_character(capsys):
     model = gpt.GPTLanguageModel(gpt.GPTConfig(vocab_size=1, block_size=4, n_embd=4, n_head=1, n_layer=1))
     gpt.describe(model, gpt.CharTokenizer('a'), torch.device('cpu'), gpt.get_config([])[0])
     assert 'vocabulary: 1 character;' in capsys.readouterr().out
+
+
+def test_a_renamed_setting_is_taken_by_its_old_name_with_a_pointer_to_the_new(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    gpt.main([*TINY, '--optimizer=adamw', '--max_iters=2'])
+    out = capsys.readouterr().out
+    assert 'note: --optimizer is now --optim: taken as --optim=adamw' in out and 'optimizer: AdamW (lr' in out
+    assert load(workdir / 'out' / 'ckpt.pt')['config']['optim'] == 'adamw'

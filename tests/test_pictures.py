@@ -1,4 +1,4 @@
-""" the pictures: out_dir/loss.png after each evaluation, and --attention=True's heatmap of each head over the prompt """
+""" the pictures: out_dir/loss.png after each evaluation, and --plot_attention=True's heatmap of each head over the prompt """
 import os
 import subprocess
 import sys
@@ -93,7 +93,7 @@ def test_without_matplotlib_a_run_trains_without_pictures_and_attention_is_a_one
     assert [int(s) for s, _, _ in STEP_LINE.findall(p.stdout)] == [0, 10, 20]
     assert p.stdout.count('pip install matplotlib') == 1  # said once, not at each evaluation
     assert (workdir / 'out' / 'ckpt.pt').exists() and not (workdir / 'out' / 'loss.png').exists()
-    p = subprocess.run([sys.executable, '-c', WITHOUT_MATPLOTLIB, *TINY, '--out_dir=att', '--attention=True',
+    p = subprocess.run([sys.executable, '-c', WITHOUT_MATPLOTLIB, *TINY, '--out_dir=att', '--plot_attention=True',
                         '--prompt=ROMEO: '], cwd=workdir, capture_output=True, text=True, timeout=120, env=env)
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: ') and 'pip install matplotlib' in lines[0]
@@ -156,7 +156,7 @@ def test_attention_true_draws_the_heads_over_the_prompt_then_samples(workdir, mo
     gpt.main([*TINY, '--n_layer=2'])
     capsys.readouterr()
     calls = spy(monkeypatch, 'draw_attention')
-    model = gpt.main(['--init_from=resume', '--max_iters=0', '--prompt=ROMEO: ', '--attention=True', '--max_new_tokens=10'])
+    model = gpt.main(['--init_from=resume', '--max_iters=0', '--prompt=ROMEO: ', '--plot_attention=True', '--max_new_tokens=10'])
     out = capsys.readouterr().out
     path = os.path.join('out', 'attention.png')
     assert f"attention of each head over the prompt: {path}\nROMEO: " in out  # drawn, then sampled as usual
@@ -195,7 +195,7 @@ def test_the_lectures_models_with_heads_draw_them_too(step, layout, tmp_path):
 def test_attention_through_lecture_steps_with_a_prompt_longer_than_block_size(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     lecture_steps.main(['--step=2', '--device=cpu', '--max_iters=2', '--eval_interval=2', '--eval_iters=2',
-                        '--max_new_tokens=5', '--prompt=First Citizen:', '--attention=True'])
+                        '--max_new_tokens=5', '--prompt=First Citizen:', '--plot_attention=True'])
     out = capsys.readouterr().out
     assert 'the prompt is longer than block_size 8; drawing its last 8 characters' in out
     png_size(workdir / 'out-step2' / 'attention.png')
@@ -203,8 +203,8 @@ def test_attention_through_lecture_steps_with_a_prompt_longer_than_block_size(wo
 
 
 @pytest.mark.parametrize('argv, model_class, words', [
-    (['--attention=True'], None, 'prompt'),  # nothing to draw over
-    (['--attention=True', '--prompt=ROMEO:'], bigram.BigramLanguageModel, 'no heads'),
+    (['--plot_attention=True'], None, 'prompt'),  # nothing to draw over
+    (['--plot_attention=True', '--prompt=ROMEO:'], bigram.BigramLanguageModel, 'no heads'),
 ])
 def test_attention_refuses_what_it_cannot_draw_before_training(argv, model_class, words, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
@@ -246,7 +246,7 @@ def test_model_shape_says_what_each_model_has(step, shape):
 
 
 def draw_prompt(model, prompt, out_dir):
-    """ --attention=True's picture of model over prompt, its characters the model's vocabulary """
+    """ --plot_attention=True's picture of model over prompt, its characters the model's vocabulary """
     tokenizer = gpt.CharTokenizer(sorted(set(prompt)))
     cfg = type('cfg', (), {'prompt': prompt, 'out_dir': str(out_dir)})
     gpt.draw_prompt_attention(model, tokenizer, cfg, torch.device('cpu'))

@@ -201,7 +201,7 @@ def fp16_run(monkeypatch, workdir, *args, inf_grad_at=(), nan_loss_at=()):
 @pytest.mark.parametrize('optimizer', ['muon', 'adamw'])
 def test_a_step_whose_gradients_overflow_is_skipped_and_the_run_goes_on(monkeypatch, workdir, optimizer,
                                                                          grad_clip):
-    after = fp16_run(monkeypatch, workdir, '--max_iters=8', f'--optimizer={optimizer}',
+    after = fp16_run(monkeypatch, workdir, '--max_iters=8', f'--optim={optimizer}',
                      f'--grad_clip={grad_clip}', inf_grad_at={4})
     assert len(after) == 8  # every step taken, none reported as a diverged loss
     assert after[0][4] is (gpt.MuonWithAdamW if optimizer == 'muon' else torch.optim.AdamW)

@@ -82,14 +82,14 @@ def test_every_script_hands_main_the_scripts_clock(monkeypatch, script):
 
 
 @pytest.mark.parametrize('argv, words', [
-    (['--step=0', '--optimizer=muon'], 'BigramLanguageModel has no blocks of weight matrices'),
+    (['--step=0', '--optim=muon'], 'BigramLanguageModel has no blocks of weight matrices'),
     (['--step=1', '--n_head=8'], 'OneHeadModel has no n_head'),
     (['--step=1', '--n_layer=6'], 'OneHeadModel has no n_layer'),
     (['--step=1', '--fused_attention=False'], 'OneHeadModel has no fused_attention'),
     (['--step=2', '--n_layer=6'], 'MultiHeadModel has no n_layer'),
     (['--step=2', '--activation=gelu'], 'MultiHeadModel has no activation'),
     (['--step=3', '--n_layer=6'], 'FeedForwardModel has no n_layer'),
-    (['--step=3', '--optimizer=muon'], 'FeedForwardModel has no blocks of weight matrices'),
+    (['--step=3', '--optim=muon'], 'FeedForwardModel has no blocks of weight matrices'),
     (['--step=5', '--position_embedding=sinusoidal'], 'ResidualBlocksModel has no position_embedding'),
 ])
 def test_a_setting_a_model_does_not_have_is_refused_before_anything_is_written(
@@ -103,13 +103,13 @@ def test_a_setting_a_model_does_not_have_is_refused_before_anything_is_written(
 
 def test_bigram_refuses_muon_which_would_train_nothing(workdir):
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'bigram.py'), '--device=cpu',
-                        '--optimizer=muon', '--max_iters=5', '--out_dir=o'], cwd=workdir,
+                        '--optim=muon', '--max_iters=5', '--out_dir=o'], cwd=workdir,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and '--optimizer=adamw' in p.stderr and 'Traceback' not in p.stderr
+    assert p.returncode == 1 and '--optim=adamw' in p.stderr and 'Traceback' not in p.stderr
     assert not (workdir / 'o' / 'ckpt.pt').exists()
 
 
-@pytest.mark.parametrize('argv', [['--step=4', '--optimizer=muon'],
+@pytest.mark.parametrize('argv', [['--step=4', '--optim=muon'],
                                   ['--step=6', '--position_embedding=sinusoidal']])
 def test_what_a_model_has_is_taken(workdir, monkeypatch, argv):
     monkeypatch.chdir(workdir)
