@@ -648,8 +648,8 @@ def start_processes(cfg):
 
 
 def load_data(cfg, checkpoint, run):
-    """ the tokenizer and the splits. The text is read to train, or where no checkpoint holds the vocabulary:
-    sampling a checkpoint reads nothing else, and writes nothing """
+    """ the tokenizer and the splits """
+    # the text is read to train, or where no checkpoint holds the vocabulary: sampling a checkpoint writes nothing
     if checkpoint and not run.training and cfg.max_iters:
         step = checkpoint['step']
         print(f"the checkpoint is at step {step}, past --max_iters={cfg.max_iters}: sampling only" if cfg.max_iters < step
@@ -779,8 +779,8 @@ def start_training(run, model, tokenizer, splits, cfg, checkpoint):
 
 
 def print_start(run, cfg):
-    """ what the run trains: to which step or for how long (whichever ends it first), on how many tokens a step,
-    with which optimizer and schedule; a warmup too long to reach learning_rate """
+    """ what the run trains: to which step or for how long, on how many tokens a step, with which optimizer """
+    # and a warmup too long to reach learning_rate, with the fix
     length = f"{plural(run.max_iters - run.step, 'step')} to step {run.max_iters} (max_iters"
     spent = f", {run.elapsed:.0f} s of it spent" if run.elapsed else ''
     length += (f") or as many as fit in {cfg.max_time:g} s (max_time{spent}), whichever is fewer" if cfg.max_time
@@ -868,8 +868,8 @@ def loop_state(cfg, checkpoint, device, t_begin, defaults=None):
 
 
 def trains(cfg, checkpoint):
-    """ whether this call trains: a new run with steps to take, or a resumed one short of max_iters that has
-    not finished, or that is given more steps or seconds to train on with """
+    """ whether this call trains: a new run with steps to take, or a resumed one short of max_iters """
+    # that has not finished, or that is given more steps or seconds to train on with
     if not checkpoint:
         return cfg.max_iters > 0
     more = cfg.max_iters != checkpoint['config']['max_iters'] or cfg.max_time != checkpoint['config']['max_time']
@@ -881,8 +881,8 @@ def trains(cfg, checkpoint):
 # and an evaluation (the preview, checkpoints, the log), the final loss, generation
 
 def micro_batches(run, xb, yb, accum):
-    """ this process's share of the batch in accum micro-batches (one: the whole batch). One process, many,
-    or accumulation all give the same step; under torchrun the gradients are averaged after the last one """
+    """ this process's share of the batch in accum micro-batches (one: the whole batch) """
+    # one process, many, or accumulation all give the same step; under torchrun gradients are averaged at the last
     shares = zip(xb.chunk(run.world)[run.rank].chunk(accum), yb.chunk(run.world)[run.rank].chunk(accum))
     for micro_step, (x, y) in enumerate(shares):
         if run.world > 1:
@@ -891,9 +891,7 @@ def micro_batches(run, xb, yb, accum):
 
 
 def after_step(run, cfg, loss):
-    """ after a step: the loss and the stops, shared by all processes; a NaN; the run's progress, and its end.
-    The time budget is one rule: progress is the larger of step / max_iters and the share of max_time spent
-    (time_spent), it never goes back, and the step at which it reaches 1 is the last """
+    """ after a step: the loss and the stops, shared by all processes; a NaN; the run's progress, and its end """
     now = time.time()
     dt = now - run.t_step  # this step's seconds, evaluations left out
     run.step_s = 0.95 * run.step_s + 0.05 * dt if run.step_s else dt
@@ -912,6 +910,8 @@ def after_step(run, cfg, loss):
         kept = f"{run.ckpt_path} is from before it" if os.path.exists(run.ckpt_path) else "nothing was saved"
         die(f"{what} at step {run.step}; {kept}: lower --learning_rate (now {cfg.learning_rate})"
             + ("" if cfg.grad_clip else " or set --grad_clip=1.0"))
+    # The time budget is one rule: progress is the larger of step / max_iters and the share of max_time spent
+    # (time_spent), it never goes back, and the step at which it reaches 1 is the last
     fraction = max(run.step / run.max_iters, spent)
     run.progress = max(run.progress, min(1.0, fraction))
     if run.step <= cfg.warmup_iters:
@@ -936,10 +936,11 @@ def print_progress(run, cfg, lossf, now, spent):
 
 def time_spent(run, cfg, now, next_s=0.0):
     """ the share of max_time spent: the seconds trained, and next_s (a step as long as the last), over the
-    seconds available to train: max_time less the start (run.setup_s) and what the end needs, as measured,
-    and longer where the steps have slowed down since (a busy machine slows the end alike) """
+    seconds available to train """
     if not cfg.max_time:
         return 0.0
+    # available: max_time less the start (run.setup_s) and what the end needs, as measured, and longer where
+    # the steps have slowed down since (a busy machine slows the end alike)
     slower = max(1.0, run.step_s / run.end_step_s) if run.end_step_s else 1.0
     available = 0.99 * cfg.max_time - run.setup_s - run.end_s * slower  # 1% kept for what varies
     return (now - run.t_start + next_s) / available if available > 0 else math.inf
@@ -1016,16 +1017,17 @@ def summed(run, *values):
 
 
 def final_windows(length, block_size, max_tokens=1 << 17):
-    """ where the final loss reads a val split this long: every block_size window of a split up to max_tokens
-    (all of tiny Shakespeare's 111,540 characters), else max_tokens' worth spread evenly; and how many there are """
+    """ where the final loss reads a val split this long, and how many windows there are """
+    # every block_size window of a split up to max_tokens (all of tiny Shakespeare's 111,540 characters),
+    # else max_tokens' worth spread evenly over it
     n = (length - 1) // block_size
     used = min(n, max(1, max_tokens // block_size))
     return np.linspace(0, n - 1, used).round().astype(np.int64) * block_size, n
 
 
 def final_loss(run, cfg):
-    """ after the last evaluation, the loss over the whole val split by estimate_loss's loop: exact, where the
-    estimate has a standard error of ~0.01; skipped (None) when a stop comes while it runs """
+    """ after the last evaluation, the loss over the whole val split; skipped (None) when a stop comes """
+    # by estimate_loss's loop: exact, where the estimate has a standard error of ~0.01
     asked = len(run.signals)  # a stop that came before is not one to skip this for
     data, T, B = run.splits['val'], cfg.block_size, cfg.batch_size  # batches as the estimate's: as fast a token
     starts, n = final_windows(len(data), T)
@@ -1080,9 +1082,9 @@ def muon_matrices(model):
 
 
 def newton_schulz(G, steps=5, eps=1e-7, dtype=torch.float32):
-    """ G = U S V^T (or a batch of them, (N,A,B)) made about U V^T, its singular values moved into ~[0.7, 1.2], by
-    5 steps of a quintic Newton-Schulz iteration: torch.optim.Muon's, which runs in bfloat16. Here in dtype:
-    bfloat16 where the run computes in it, else float32 (a CPU without bf16 in hardware runs bf16 ~15x slower) """
+    """ G = U S V^T (or a batch of them, (N,A,B)) made about U V^T, its singular values moved into ~[0.7, 1.2] """
+    # 5 steps of a quintic Newton-Schulz iteration, torch.optim.Muon's, which runs in bfloat16. Here in dtype:
+    # bfloat16 where the run computes in it, else float32 (a CPU without bf16 in hardware runs bf16 ~15x slower)
     a, b, c = (3.4445, -4.7750, 2.0315)
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
@@ -1311,9 +1313,9 @@ def command_of(model_class):
 
 
 def start_log(run, cfg, checkpoint):
-    """ log.csv, a row per evaluation. A new run, or a branch trained on from best.pt, first moves the previous
-    run's files to out_dir/previous/<date>: a trained model is never overwritten. A resumed run (or a branch)
-    keeps the rows up to its step, so no step is logged twice, even after a save that failed """
+    """ log.csv, a row per evaluation, started anew or kept up to a resumed run's step """
+    # A new run, or a branch trained on from best.pt, first moves the previous run's files to
+    # out_dir/previous/<date>: a trained model is never overwritten
     path, names = os.path.join(cfg.out_dir, 'log.csv'), ('ckpt.pt', 'best.pt', 'log.csv', 'loss.png', 'attention.png')
     old, files = path, [n for n in names if os.path.exists(os.path.join(cfg.out_dir, n))]
     if (not checkpoint or cfg.init_from == 'best') and {'ckpt.pt', 'best.pt'} & set(files):
@@ -1326,6 +1328,7 @@ def start_log(run, cfg, checkpoint):
             os.replace(os.path.join(cfg.out_dir, name), os.path.join(kept, name))
         print(f"the previous run's model is kept in {kept} (sample it with --out_dir={kept} --init_from=resume)")
         old = os.path.join(kept, 'log.csv')
+    # a resumed run (or a branch) keeps the rows up to its step: no step is logged twice, even after a failed save
     rows = []
     if checkpoint and os.path.exists(old):
         with open(old, newline='') as f:
@@ -1349,8 +1352,8 @@ def append_log(out_dir, row):
 
 @contextmanager
 def written_atomically(path):
-    """ a temporary path beside path (this process's own) that replaces path in one rename once written: a
-    reader never sees half a file, and a crash or a full disk leaves the previous file as it was """
+    """ a temporary path beside path (this process's own) that replaces path in one rename once written """
+    # a reader never sees half a file, and a crash or a full disk leaves the previous file as it was
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
         yield tmp
@@ -1362,8 +1365,8 @@ def written_atomically(path):
 
 @contextmanager
 def one_run_at_a_time(out_dir, run):
-    """ a second training run in a busy out_dir is refused in one line that names the first; the lock is the
-    operating system's (flock on out_dir/run.lock), so a run that crashes or is killed leaves none behind """
+    """ a second training run in a busy out_dir is refused in one line that names the first """
+    # the lock is the operating system's (flock on out_dir/run.lock): a run that crashes or is killed leaves none
     if run.rank > 0 or fcntl is None:  # the first process holds it for all
         yield
         return
@@ -1417,9 +1420,8 @@ CJK_FONTS = ['Noto Sans CJK JP', 'Noto Sans CJK SC', 'WenQuanYi Zen Hei', 'Droid
 
 @contextmanager
 def drawing(width, height):
-    """ a matplotlib figure (inches) drawn by Agg, imported on first use, never a window; pyplot's global state
-    left as it is; text in matplotlib's font with CJK_FONTS behind it, and a character no font has drawn as
-    a box, without a warning """
+    """ a matplotlib figure (inches) drawn by Agg, imported on first use: never a window, pyplot left as it is """
+    # text in matplotlib's font with CJK_FONTS behind it, and a character no font has drawn as a box, quietly
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1460,8 +1462,8 @@ def attention_heads(model):
 
 
 def model_shape(model, sep=': '):
-    """ 'GPTLanguageModel: 6 layers, 6 heads, n_embd 384, block_size 256', from the model's parts:
-    its Blocks (layers) and the heads in each; a model without blocks, its heads ('1 head') """
+    """ 'GPTLanguageModel: 6 layers, 6 heads, n_embd 384, block_size 256', from the model's parts """
+    # its Blocks (layers) and the heads in each; a model without blocks, its heads ('1 head')
     groups, c = attention_heads(model), model.config
     layers = sum(isinstance(m, Block) for m in model.modules())
     heads = max(map(len, groups.values()), default=0) if layers else sum(map(len, groups.values()))
@@ -1498,8 +1500,8 @@ def draw_loss_curve(log_path, path, title):
 
 
 def draw_loss_png(run, cfg):
-    """ out_dir/loss.png, drawn anew from log.csv after each evaluation; a missing matplotlib, or any error
-    while drawing, is said in one line, once, and the run goes on without the picture """
+    """ out_dir/loss.png, drawn anew from log.csv after each evaluation """
+    # a missing matplotlib, or any error while drawing, is said once, and the run goes on without the picture
     path = os.path.join(cfg.out_dir, 'loss.png')
     try:
         if run.plot:
@@ -1513,9 +1515,10 @@ def draw_loss_png(run, cfg):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """ each head's softmaxed wei for one sequence idx (1,T), as its Head computes it in the model's forward
-    (the lecture's code: the fused kernel computes no wei, so it is turned off for this forward), without
-    dropout: {group: [(name, (T,T))]}, row t the query at position t, column s how much it attends to s """
+    """ each head's softmaxed wei for one sequence idx (1,T), without dropout: {group: [(name, (T,T))]}, row t
+    the query at position t, column s how much it attends to s """
+    # as each Head computes it in the model's forward, the lecture's code: the fused kernel computes no wei, so
+    # it is turned off for this forward, and each Head keeps its wei
     groups = attention_heads(model)
     modules = [m for m in model.modules() if isinstance(m, (MultiHeadAttention, Head))]
     saved = [(m, m.fused if isinstance(m, MultiHeadAttention) else m.keep_wei) for m in modules]
@@ -1671,16 +1674,16 @@ PER_CALL = ('init_from', 'out_dir', 'device', 'plot_attention')  # a call's own 
 
 
 def constant_sources(defaults=None):
-    """ each setting's source: the text of its line at the top of this file, or, for a setting the script
-    gives (bigram.py's defaults), its value; saved with a checkpoint, to see later which lines were edited """
+    """ each setting's source: its line's text at the top of this file, or a script's default (bigram.py's) """
+    # saved with a checkpoint, to see later which lines were edited
     return {**{name: text for name, (text, _) in read_constants().items()},
             **{k: repr(v) for k, v in (defaults or {}).items()}}
 
 
 def resume_config(cfg, overrides, checkpoint, path, defaults):
-    """ a resumed run is the same run: the checkpoint's settings, then the file's edits since (a line changed
-    since the checkpoint was saved counts as the same --name=value would) and the command line's, said in one
-    line. Its shape and optimizer stay: a change is refused, given on the command line or, to train, edited """
+    """ a resumed run is the same run: the checkpoint's settings, then the file's edits since and the command
+    line's, said in one line """
+    # a line changed since the checkpoint was saved counts as the same --name=value would
     saved, shape, then = checkpoint['config'], checkpoint['model_args'], checkpoint['constants']
     edited = {k: getattr(cfg, k) for k, v in constant_sources(defaults).items()
               if then.get(k, v) != v and k not in overrides and k not in PER_CALL}
@@ -1688,6 +1691,7 @@ def resume_config(cfg, overrides, checkpoint, path, defaults):
     new = SimpleNamespace(**{**vars(cfg), **{k: v for k, v in saved.items() if k not in PER_CALL}, **changes})
     check_config(new, overrides)
     training = trains(new, checkpoint)
+    # its shape and optimizer stay: a change is refused, given on the command line or, to train, edited
     kept = {**{k: shape[k] for k in SHAPE}, 'optim': saved['optim']}
     refused = [k for k in kept if k in changes and changes[k] != kept[k] and (k in overrides or training)]
     if refused:
@@ -1737,8 +1741,8 @@ def print_in_the_first_process_only():
 
 
 def no_buffer_sync():
-    """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at each
-    forward: forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns """
+    """ DistributedDataParallel's argument not to send the buffers (tril, the same everywhere) at each forward """
+    # forward_sync_buffers=False from PyTorch 2.13 on, where broadcast_buffers=False warns
     if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
         return dict(forward_sync_buffers=False)
     return dict(broadcast_buffers=False)
@@ -1782,9 +1786,9 @@ def shown(text):
 
 @contextmanager
 def stop_on_signals(run, cfg):
-    """ Ctrl-C or SIGTERM (kill, a scheduler, torchrun) stops training after this step, saved; a second Ctrl-C
-    quits at once. A reader that goes away (python gpt.py | head) stops it as SIGTERM does. Signals are taken in
-    the main thread only, and a notebook gets its Ctrl-C handler back """
+    """ Ctrl-C or SIGTERM (kill, a scheduler, torchrun) stops training after this step, saved """
+    # a second Ctrl-C quits at once; a reader that goes away (python gpt.py | head) stops it as SIGTERM does.
+    # Signals are taken in the main thread only, and a notebook gets its Ctrl-C handler back
     # SIGTERM comes in twos and threes (a scheduler signals every process of a job, and torchrun passes each
     # on): any number are one stop, and a process stopped by it ignores more up to its exit
     def on_signal(signum, frame):
@@ -1815,10 +1819,10 @@ def stop_on_signals(run, cfg):
 
 
 def run_script(main_function, **kwargs):
-    """ python gpt.py, bigram.py and lecture_steps.py all start here: main_function(argv) with the clock from
-    the script's start, a character the console cannot show printed as '?', a quiet exit on a second Ctrl-C
-    or a reader gone, and an error as torchrun reports it """
-    sys.stdout.reconfigure(errors='replace')
+    """ python gpt.py, bigram.py and lecture_steps.py all start here: main_function(argv), with the clock from
+    the script's start """
+    sys.stdout.reconfigure(errors='replace')  # a character the console cannot show is printed as '?'
+    # a second Ctrl-C or a reader gone: a quiet exit; an error under torchrun: as torchrun reports it
     try:
         main_function(sys.argv[1:], t_begin=started, **kwargs)
     except KeyboardInterrupt:  # a second Ctrl-C, or one while sampling: quit quietly
